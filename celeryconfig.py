@@ -1,0 +1,93 @@
+"""Celery settings for xnai-tasks: broker, queues, routes, serialization and reliability.
+
+The values that depend on the environment (broker URL, time limits) come from a validated
+:class:`xnai_tasks.settings.Settings`; :func:`build` turns one into Celery's configuration.
+Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kombu import Exchange, Queue
+
+from xnai_tasks import constants as c
+
+if TYPE_CHECKING:
+    from xnai_tasks.settings import Settings
+
+#: JSON only, everywhere: task bodies, results, events. No pickle.
+SERIALIZATION: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "event_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+}
+
+#: DESIGN.md 9: a task is acked after it ran, a lost worker's task goes back to the queue,
+#: model workers take one message at a time, results expire.
+RELIABILITY: dict[str, Any] = {
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "task_acks_on_failure_or_timeout": True,
+    "worker_prefetch_multiplier": 1,
+    "task_track_started": True,
+    "result_expires": 24 * 3600,
+    "broker_connection_retry_on_startup": True,
+    "broker_connection_timeout": 3,
+    "worker_cancel_long_running_tasks_on_connection_loss": True,
+    # Flower and `xnai status` need events.
+    "worker_send_task_events": True,
+    "task_send_sent_event": True,
+}
+
+#: Retry policy for transient errors inside tasks (see xnai_tasks.tasks.RoleTask).
+RETRY_BACKOFF_MAX_S = 60
+RETRY_MAX = 3
+
+
+def task_queues() -> list[Queue]:
+    """One durable direct queue per role; the routing key is the role name."""
+    exchange = Exchange("xnai", type="direct")
+    return [Queue(c.queue_for(role), exchange, routing_key=role) for role in c.ROLES]
+
+
+def task_routes() -> dict[str, dict[str, str]]:
+    """``ROLE.*`` tasks go to the ROLE queue and nowhere else."""
+    return {f"{role}.*": {"queue": c.queue_for(role), "routing_key": role} for role in c.ROLES}
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu Redis transport options shared by producers and workers."""
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 30,
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 1,
+    }
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    """The full Celery configuration for these settings."""
+    return {
+        **SERIALIZATION,
+        **RELIABILITY,
+        "broker_url": settings.broker_url,
+        "result_backend": settings.broker_url,
+        "broker_transport_options": transport_options(settings),
+        "result_backend_transport_options": {"retry_policy": {"timeout": 3.0}},
+        "redis_socket_connect_timeout": 3,
+        "redis_socket_timeout": 30,
+        "task_queues": task_queues(),
+        "task_routes": task_routes(),
+        "task_default_queue": c.queue_for("copilot"),
+        "task_create_missing_queues": False,
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": settings.soft_time_limit,
+        "beat_schedule_filename": str(settings.home / c.BEAT_SCHEDULE_FILE),
+        "worker_hijack_root_logger": False,
+    }

@@ -1,0 +1,36 @@
+"""The baseline of ``xnai bench roundtrip``: a plain Celery app, JSON, same Redis, same worker settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+import celeryconfig
+from xnai_tasks.settings import Settings
+
+QUEUE = "bench_plain"
+
+
+def _config() -> dict[str, Any]:
+    settings = Settings.from_env()
+    return {
+        **celeryconfig.SERIALIZATION,
+        **celeryconfig.RELIABILITY,
+        "broker_url": settings.broker_url,
+        "result_backend": settings.broker_url,
+        "broker_transport_options": celeryconfig.transport_options(settings),
+        "task_queues": [Queue(QUEUE)],
+        "task_default_queue": QUEUE,
+    }
+
+
+app = Celery("plain", set_as_current=False)
+app.add_defaults(_config)
+
+
+@app.task(name="plain.noop")  # type: ignore[misc]
+def noop(value: Any = None) -> Any:
+    """Return the value: the same work as our ``echo``."""
+    return value

@@ -1,0 +1,59 @@
+"""Direct Redis access for the parts Celery does not cover: reachability, queue depths."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis
+
+from xnai_tasks import constants as c
+from xnai_tasks.errors import BrokerUnreachableError
+from xnai_tasks.settings import Settings
+
+CONNECT_TIMEOUT_S = 2.0
+
+
+def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> redis.Redis:
+    """A redis-py client for a Celery-style Redis URL (``redis://``, ``rediss://``, ``redis+socket://``)."""
+    parts = urlsplit(url)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if parts.scheme in ("redis+socket", "unix"):
+        return redis.Redis(
+            unix_socket_path=parts.path,
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def require_reachable(settings: Settings) -> None:
+    """Raise :class:`BrokerUnreachableError` unless Redis answers PING within the connect timeout."""
+    conn = connect(settings.broker_url)
+    try:
+        conn.ping()
+    except redis.AuthenticationError:
+        return  # it answers; authorisation is decided per command
+    except (redis.RedisError, OSError) as exc:
+        raise BrokerUnreachableError(f"broker unreachable at {redact(settings.broker_url)}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def queue_depth(conn: redis.Redis, queue: str) -> int:
+    """Messages waiting in ``queue`` over all of kombu's priority lists."""
+    pipe = conn.pipeline(transaction=False)
+    for key in c.queue_keys(queue):
+        pipe.llen(key)
+    return int(sum(pipe.execute()))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()

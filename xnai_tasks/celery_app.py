@@ -1,0 +1,42 @@
+"""The Celery application. ``celery -A xnai_tasks ...`` finds it as ``xnai_tasks.app``.
+
+Its configuration is a promise: it is built from the environment the first time Celery needs it,
+not at import time, so importing the package never fails on a bad setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+import celeryconfig
+from xnai_tasks.settings import Settings
+
+#: Modules that define each role's tasks (DESIGN.md 3: one module per role).
+ROLE_MODULES = ("workers.copilot", "workers.cline", "workers.grok", "workers.curation")
+
+
+def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks") -> Celery:
+    """A Celery app for ``settings``; with ``None``, settings are read from the environment when first needed."""
+    application = Celery(main, include=list(ROLE_MODULES), set_as_current=False)
+    if settings is not None:
+        application.conf.update(celeryconfig.build(settings))
+    else:
+
+        def from_env() -> dict[str, Any]:
+            return celeryconfig.build(Settings.from_env())
+
+        application.add_defaults(from_env)
+    return application
+
+
+app = create_app()
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Worker, beat and Flower processes log JSON lines under XNAI_HOME instead of Celery's default."""
+    from xnai_tasks.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)

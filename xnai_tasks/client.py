@@ -1,0 +1,115 @@
+"""The Python API: ``Client.from_env().submit(role, task, **kwargs).get(timeout=...)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from redis import RedisError
+
+from xnai_tasks import broker
+from xnai_tasks import constants as c
+from xnai_tasks.errors import (
+    BrokerUnreachableError,
+    TaskFailedError,
+    TaskTimeoutError,
+    UnknownRoleError,
+    UnknownTaskError,
+)
+from xnai_tasks.settings import Settings
+
+
+class TaskHandle:
+    """A submitted task: its id, and :meth:`get` to wait for the result."""
+
+    def __init__(self, result: AsyncResult, role: str, task: str, settings: Settings) -> None:
+        self._result = result
+        self.role = role
+        self.task = task
+        self._settings = settings
+
+    @property
+    def id(self) -> str:
+        return str(self._result.id)
+
+    @property
+    def state(self) -> str:
+        return str(self._result.state)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the result; raise TaskTimeoutError, TaskFailedError or BrokerUnreachableError."""
+        try:
+            value = self._result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+        except CeleryTimeoutError:
+            raise TaskTimeoutError(
+                f"{self.role}.{self.task} {self.id}: no result within {timeout} s (it may still run)"
+            ) from None
+        except (RedisError, OperationalError, OSError) as exc:
+            raise BrokerUnreachableError(f"lost the broker while waiting for {self.id}: {exc}") from None
+        if self._result.failed():
+            raise TaskFailedError(f"{self.role}.{self.task} {self.id} failed: {_describe(value)}")
+        return value
+
+
+class Client:
+    """Submits tasks to role queues and waits for their results."""
+
+    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+        from xnai_tasks.celery_app import create_app  # noqa: PLC0415 - avoids an import cycle
+
+        self.settings = settings
+        self.app = app if app is not None else create_app(settings, main="xnai_client")
+        self._catalogue: dict[str, list[str]] | None = None
+        self._broker_checked = False
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """A client configured from the ``XNAI_*`` environment variables."""
+        return cls(Settings.from_env())
+
+    def tasks(self) -> dict[str, list[str]]:
+        """Every role's task names."""
+        if self._catalogue is None:
+            from xnai_tasks.tasks import role_tasks  # noqa: PLC0415
+
+            self._catalogue = role_tasks()
+        return self._catalogue
+
+    def submit(self, role: str, task: str, **kwargs: Any) -> TaskHandle:
+        """Enqueue ``ROLE.TASK`` with ``kwargs`` on the role's own queue."""
+        self._check(role, task)
+        if not self._broker_checked:  # fail within seconds, not after kombu's retries
+            broker.require_reachable(self.settings)
+            self._broker_checked = True
+        try:
+            result = self.app.send_task(
+                c.task_name(role, task),
+                kwargs=kwargs,
+                queue=c.queue_for(role),
+                routing_key=role,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+            )
+        except (OperationalError, RedisError, OSError) as exc:
+            raise BrokerUnreachableError(f"could not enqueue {role}.{task}: {exc}") from None
+        return TaskHandle(result, role, task, self.settings)
+
+    def close(self) -> None:
+        """Release broker and backend connections."""
+        self.app.close()
+
+    def _check(self, role: str, task: str) -> None:
+        if role not in c.ROLES:
+            raise UnknownRoleError(f"unknown role {role!r} (roles: {', '.join(c.ROLES)})")
+        known = self.tasks()[role]
+        if task not in known:
+            raise UnknownTaskError(f"role {role!r} has no task {task!r} (tasks: {', '.join(known)})")
+
+
+def _describe(error: Any) -> str:
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return str(error)

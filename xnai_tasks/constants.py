@@ -1,0 +1,73 @@
+"""Every fixed name in one place: roles, queues, Redis keys, file names under XNAI_HOME."""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The agents. Each role has one queue of the same name and one worker module in ``workers/``.
+ROLES: Final = ("copilot", "cline", "grok", "curation")
+
+#: Worker roles whose tasks are dispatched by the copilot (the copilot also has a queue of its own).
+WORKER_ROLES: Final = ("cline", "grok", "curation")
+
+
+def queue_for(role: str) -> str:
+    """The Celery queue a role consumes: the role's own name."""
+    return role
+
+
+def task_name(role: str, task: str) -> str:
+    """Fully qualified Celery task name, ``ROLE.TASK``: the role prefix is what routing keys on."""
+    return f"{role}.{task}"
+
+
+def worker_hostname(role: str) -> str:
+    """Celery node name of a role worker; ``%h`` is expanded by Celery to the host name."""
+    return f"{role}@%h"
+
+
+# ---- Redis keys (kombu's transport keys are listed too, because the ACLs must name them) ----
+
+#: kombu's Redis transport: separator and priority steps used to name a queue's priority lists.
+KOMBU_PRIORITY_SEP: Final = "\x06\x16"
+KOMBU_PRIORITY_STEPS: Final = (0, 3, 6, 9)
+#: kombu's exchange binding sets.
+KOMBU_BINDING_PREFIX: Final = "_kombu.binding."
+#: Celery result keys.
+RESULT_KEY_PREFIX: Final = "celery-task-meta-"
+#: Our own keys all start here.
+XNAI_KEY_PREFIX: Final = "xnai:"
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu uses for one queue, one per priority step."""
+    return [queue if p == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
+
+
+def unacked_key(role: str) -> str:
+    """Per-role hash of delivered-but-unacked messages (kombu transport option ``unacked_key``)."""
+    return f"unacked:{role}"
+
+
+def unacked_index_key(role: str) -> str:
+    """Per-role sorted set indexing the unacked hash (``unacked_index_key``)."""
+    return f"unacked_index:{role}"
+
+
+def unacked_mutex_key(role: str) -> str:
+    """Per-role mutex guarding restoration of unacked messages (``unacked_mutex_key``)."""
+    return f"unacked_mutex:{role}"
+
+
+# ---- Files under XNAI_HOME ----
+
+REDIS_DIR: Final = "redis"
+REDIS_SOCKET: Final = "redis.sock"
+REDIS_PIDFILE: Final = "redis.pid"
+REDIS_CONF: Final = "redis.conf"
+REDIS_LOG: Final = "redis.log"
+LOG_DIR: Final = "logs"
+LOG_FILE: Final = "xnai.jsonl"
+FLOWER_CREDENTIALS: Final = "flower.json"
+FLOWER_DB: Final = "flower.db"
+BEAT_SCHEDULE_FILE: Final = "beat-schedule"

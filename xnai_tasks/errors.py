@@ -1,0 +1,97 @@
+"""One error tree. Every error the project raises on purpose is an :class:`XnaiError`.
+
+Each class carries the CLI exit code fixed in DESIGN.md 4, so the CLI maps an error to its code
+without a lookup table: 2 usage, 3 refused, 4 task failed, 5 timed out, 6 broker unreachable.
+"""
+
+from __future__ import annotations
+
+
+class XnaiError(Exception):
+    """Base of every error raised by xnai-tasks; ``str(err)`` is one line meant for a person."""
+
+    exit_code: int = 1
+
+
+class UsageError(XnaiError):
+    """The caller asked for something that does not exist or is malformed."""
+
+    exit_code = 2
+
+
+class SettingsError(UsageError):
+    """A setting (environment variable) has a bad value; the message names the variable."""
+
+
+class UnknownRoleError(UsageError):
+    """No such role."""
+
+
+class UnknownTaskError(UsageError):
+    """The role has no such task."""
+
+
+class RefusedError(XnaiError):
+    """The system refused the work: overloaded, or the sender is not authorized."""
+
+    exit_code = 3
+
+
+class TaskFailedError(XnaiError):
+    """The task ran and raised; the message carries the remote error type and text."""
+
+    exit_code = 4
+
+
+class TaskTimeoutError(XnaiError):
+    """No result arrived within the timeout. The task may still run."""
+
+    exit_code = 5
+
+
+class BrokerUnreachableError(XnaiError):
+    """Redis did not answer."""
+
+    exit_code = 6
+
+
+class RedisServerError(XnaiError):
+    """The embedded redis-server could not be found, started or stopped."""
+
+
+class ProcessError(XnaiError):
+    """A supervised process (worker, Flower, Redis) failed to start or died."""
+
+
+class TransientError(XnaiError):
+    """A passing failure inside a task (a resource briefly unavailable): the task is retried with backoff."""
+
+
+class MessageRejected(RefusedError):
+    """A task message failed verification; ``reason`` is one of ``signing.REASONS`` (a counter name)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = str(reason)
+        self.detail = " ".join(detail.split())
+
+    def __str__(self) -> str:
+        return f"refused ({self.reason}): {self.detail}"
+
+
+class ResultSignatureError(XnaiError):
+    """A task result is unsigned, forged or tampered with."""
+
+    exit_code = 3
+
+
+class KeyringError(UsageError):
+    """The keyring or a private key file is missing, malformed or has unsafe permissions."""
+
+
+class ModelError(XnaiError):
+    """A model is missing, truncated, fails its checksum or cannot be loaded; the message says which."""
+
+
+class OverBudgetError(RefusedError):
+    """Loading a model now would exceed the RAM available; refused rather than swapping or OOM."""

@@ -1,0 +1,205 @@
+"""``xnai up``: the whole system in the foreground, the same processes as the Procfile.
+
+Every child runs in a session of its own, so a signal reaches only this supervisor, which then stops
+each child's whole process group (the Celery pool children included): SIGTERM, then SIGKILL after a
+grace period. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
+
+import psutil
+from celery import Celery
+
+from xnai_tasks import constants as c
+from xnai_tasks.errors import ProcessError
+from xnai_tasks.flower import ensure_credentials
+from xnai_tasks.redis_server import EmbeddedRedis
+from xnai_tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 20.0
+_state = {"stop_handlers": False}
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One line of the Procfile: a name and the ``xnai`` command it runs."""
+
+    name: str
+    args: tuple[str, ...]
+
+    def procfile_line(self) -> str:
+        return f"{self.name}: xnai {' '.join(self.args)}"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "xnai_tasks", *self.args]
+
+
+def process_specs(roles: tuple[str, ...] = c.ROLES, *, flower: bool = True, redis: bool = True) -> list[ProcessSpec]:
+    """The processes of the system, in start order. The Procfile is this list with every option on."""
+    specs = [ProcessSpec("redis", ("redis",))] if redis else []
+    for role in c.ROLES:
+        if role in roles:
+            extra = ("--beat",) if role == "copilot" else ()
+            specs.append(ProcessSpec(role, ("worker", role, *extra)))
+    if flower:
+        specs.append(ProcessSpec("flower", ("flower",)))
+    return specs
+
+
+def render_procfile() -> str:
+    """The Procfile's text."""
+    return "".join(spec.procfile_line() + "\n" for spec in process_specs())
+
+
+@dataclass
+class Stack:
+    """A running system: embedded Redis (unless external), role workers, optionally Flower."""
+
+    settings: Settings
+    roles: tuple[str, ...] = c.ROLES
+    flower: bool = True
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    redis: EmbeddedRedis | None = None
+
+    def start(self) -> Stack:
+        """Start everything; Redis first, so workers find it."""
+        if self.settings.embedded:
+            self.redis = EmbeddedRedis(self.settings).start()
+        if self.flower:
+            creds, new = ensure_credentials(self.settings)
+            if new:
+                print(f"Flower credentials (shown once, kept in {self.settings.home}): {creds.basic_auth}")
+        env = dict(os.environ, XNAI_HOME=str(self.settings.home))
+        for spec in process_specs(self.roles, flower=self.flower, redis=False):
+            self.children[spec.name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+            log.info("started %s (pid %d)", spec.name, self.children[spec.name].pid)
+        return self
+
+    def wait_workers(self, app: Celery, timeout: float = 120.0) -> dict[str, list[str]]:
+        """Wait until every started role has a worker answering ``ping``; return the node names per role."""
+        deadline = time.monotonic() + timeout
+        wanted = set(self.roles)
+        online: dict[str, list[str]] = {}
+        while time.monotonic() < deadline:
+            self.check_alive()
+            online = workers_online(app)
+            if wanted <= set(online):
+                return online
+            time.sleep(0.5)
+        missing = ", ".join(sorted(wanted - set(online)))
+        raise ProcessError(f"no worker answered for {missing} within {timeout:.0f} s")
+
+    def check_alive(self) -> None:
+        """Raise if a child has exited."""
+        for name, proc in self.children.items():
+            if proc.poll() is not None:
+                raise ProcessError(f"{name} exited with code {proc.returncode}")
+
+    def run_forever(self) -> None:
+        """Block until a child dies (raises ProcessError) or a stop signal arrives (raises StopRequested)."""
+        while True:
+            self.check_alive()
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop every child's process group, then Redis. A second signal cannot interrupt it."""
+        _ignore_stop_signals()
+        for proc in self.children.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in self.children.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop in %.0f s, killing it", proc.pid, STOP_GRACE_S)
+        for proc in self.children.values():
+            _signal_group(proc, signal.SIGKILL)  # pool children whose parent is gone, stragglers
+            proc.wait()
+        self.children.clear()
+        _kill_descendants()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Stack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def workers_online(app: Celery, timeout: float = 1.0) -> dict[str, list[str]]:
+    """Node names answering ``ping``, per role (a node is named ``ROLE@host``)."""
+    replies = app.control.ping(timeout=timeout) or []
+    online: dict[str, list[str]] = {}
+    for reply in replies:
+        for node in reply:
+            role = node.split("@", 1)[0]
+            if role in c.ROLES:
+                online.setdefault(role, []).append(node)
+    return online
+
+
+class StopRequested(BaseException):  # noqa: N818 - a signal, not an error
+    """Raised in the main thread by SIGINT or SIGTERM so that ``with Stack(...)`` unwinds and stops all."""
+
+
+def raise_on_stop_signals() -> None:
+    """Make SIGINT and SIGTERM raise :class:`StopRequested` (install before starting anything)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    _state["stop_handlers"] = True
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_descendants() -> None:
+    """Kill any process of ours still alive (a child started as a signal arrived), except Redis."""
+    for proc in psutil.Process().children(recursive=True):
+        if "redis-server" in " ".join(_cmdline(proc)):
+            continue
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return list(proc.cmdline())
+    except psutil.Error:
+        return []
+
+
+def _ignore_stop_signals() -> None:
+    if _state["stop_handlers"]:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

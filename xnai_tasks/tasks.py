@@ -1,0 +1,84 @@
+"""The base task of every role and the decorator that registers a role's task.
+
+A role's task is named ``ROLE.NAME`` and routed to the ROLE queue (celeryconfig.task_routes), so
+it can only land in its own queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from celery import Task
+
+import celeryconfig
+from xnai_tasks import constants as c
+from xnai_tasks.celery_app import app
+from xnai_tasks.errors import TransientError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RoleTask(Task):  # type: ignore[misc]
+    """Base task: acks late, requeued when its worker dies, retried with backoff and jitter on transient errors."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    autoretry_for = (TransientError,)
+    retry_backoff = True
+    retry_backoff_max = celeryconfig.RETRY_BACKOFF_MAX_S
+    retry_jitter = True
+    max_retries = celeryconfig.RETRY_MAX
+
+    @property
+    def role(self) -> str:
+        """The role this task belongs to: the prefix of its name."""
+        return str(self.name).split(".", 1)[0]
+
+
+def role_task(role: str, **options: Any) -> Callable[[F], F]:
+    """Register ``fn`` as the task ``ROLE.<fn name>`` bound to the ROLE queue."""
+    if role not in c.ROLES:
+        raise ValueError(f"unknown role {role!r}")
+
+    def register(fn: F) -> F:
+        name = c.task_name(role, fn.__name__)
+        task = app.task(name=name, base=RoleTask, queue=c.queue_for(role), bind=True, **options)(fn)
+        return task  # type: ignore[no-any-return]
+
+    return register
+
+
+def role_tasks() -> dict[str, list[str]]:
+    """Every registered task per role, as short names: the catalogue the client validates against."""
+    app.loader.import_default_modules()
+    catalogue: dict[str, list[str]] = {role: [] for role in c.ROLES}
+    for name in app.tasks:
+        role, _, short = name.partition(".")
+        if role in catalogue and short:
+            catalogue[role].append(short)
+    return {role: sorted(names) for role, names in catalogue.items()}
+
+
+def register_diagnostics(role: str) -> None:
+    """Register the tasks every role has: ``health`` (facts of the process) and ``echo`` (round-trip probe)."""
+    from xnai_tasks.health import process_facts  # noqa: PLC0415 - keeps psutil out of client imports
+
+    def health(self: RoleTask) -> dict[str, Any]:
+        """Facts of the worker process that ran this task."""
+        return process_facts(role, self.request.hostname, loaded_models())
+
+    def echo(self: RoleTask, value: Any = None, delay_s: float = 0.0) -> Any:
+        """Return ``value`` after ``delay_s`` seconds: the no-op used by benchmarks and reliability tests."""
+        if delay_s:
+            time.sleep(float(delay_s))
+        return value
+
+    role_task(role)(health)
+    role_task(role)(echo)
+
+
+def loaded_models() -> list[dict[str, Any]]:
+    """What this worker process has loaded (filled in by the model registry)."""
+    return []

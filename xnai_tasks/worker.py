@@ -1,0 +1,40 @@
+"""Running one role's worker: the Celery prefork worker bound to that role's queue."""
+
+from __future__ import annotations
+
+import os
+
+from xnai_tasks import constants as c
+from xnai_tasks.logs import setup_logging
+from xnai_tasks.settings import Settings
+
+
+def default_concurrency() -> int:
+    """Pool processes when neither the command line nor the plan says: 2, or 1 on a 1-CPU host."""
+    return max(1, min(2, len(os.sched_getaffinity(0))))
+
+
+def worker_argv(settings: Settings, role: str, *, concurrency: int, beat: bool) -> list[str]:
+    """The ``celery worker`` arguments for a role."""
+    argv = [
+        "worker",
+        f"--queues={c.queue_for(role)}",
+        f"--hostname={c.worker_hostname(role)}",
+        f"--concurrency={concurrency}",
+        "--pool=prefork",
+        f"--loglevel={settings.log_level}",
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if beat:
+        argv += ["--beat", f"--schedule={settings.home / c.BEAT_SCHEDULE_FILE}"]
+    return argv
+
+
+def run_worker(settings: Settings, role: str, *, concurrency: int | None = None, beat: bool = False) -> None:
+    """Run the role's worker in this process until it is stopped."""
+    from xnai_tasks.celery_app import app  # noqa: PLC0415
+
+    setup_logging(settings)
+    app.worker_main(worker_argv(settings, role, concurrency=concurrency or default_concurrency(), beat=beat))
