@@ -90,4 +90,5 @@ def build(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.soft_time_limit,
         "beat_schedule_filename": str(settings.home / c.BEAT_SCHEDULE_FILE),
         "worker_hijack_root_logger": False,
+        "worker_consumer": "xnai_tasks.gate:GatedConsumer",
     }

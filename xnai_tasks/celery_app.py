@@ -34,9 +34,9 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks") ->
 app = create_app()
 
 
-@signals.setup_logging.connect
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Worker, beat and Flower processes log JSON lines under XNAI_HOME instead of Celery's default."""
-    from xnai_tasks.logs import setup_logging  # noqa: PLC0415
+    from xnai_tasks.logs import setup_logging
 
     setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)

@@ -25,15 +25,15 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Run the whole system in the foreground until SIGINT or SIGTERM."""
-    from xnai_tasks.logs import setup_logging  # noqa: PLC0415
-    from xnai_tasks.supervisor import Stack, StopRequested, raise_on_stop_signals  # noqa: PLC0415
+    from xnai_tasks.logs import setup_logging
+    from xnai_tasks.supervisor import Stack, StopRequested, raise_on_stop_signals
 
     roles = _roles(args.roles)
     raise_on_stop_signals()
     setup_logging(settings)
     try:
         with Stack(settings, roles=roles, flower=not args.no_flower) as stack:
-            from xnai_tasks.celery_app import app  # noqa: PLC0415
+            from xnai_tasks.celery_app import app
 
             online = stack.wait_workers(app)
             for role in roles:
@@ -49,7 +49,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """One role's Celery worker (prefork)."""
-    from xnai_tasks.worker import run_worker  # noqa: PLC0415
+    from xnai_tasks.worker import run_worker
 
     role = _role(args.role)
     run_worker(settings, role, concurrency=args.concurrency, beat=args.beat)
@@ -58,9 +58,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
     """The embedded Redis in the foreground (the Procfile's ``redis`` line)."""
-    from xnai_tasks.logs import setup_logging  # noqa: PLC0415
-    from xnai_tasks.redis_server import EmbeddedRedis  # noqa: PLC0415
-    from xnai_tasks.supervisor import StopRequested, raise_on_stop_signals  # noqa: PLC0415
+    from xnai_tasks.logs import setup_logging
+    from xnai_tasks.redis_server import EmbeddedRedis
+    from xnai_tasks.supervisor import StopRequested, raise_on_stop_signals
 
     if not settings.embedded:
         raise UsageError("XNAI_REDIS_URL is set: an external Redis is used, there is nothing to start")
@@ -70,7 +70,7 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
         with EmbeddedRedis(settings) as server:
             print(f"redis: serving on {server.socket_path}", flush=True)
             if server.process is None:
-                import signal  # noqa: PLC0415
+                import signal
 
                 signal.pause()  # reused: keep the Procfile line alive until stopped
             else:
@@ -82,9 +82,9 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
     """Flower on 127.0.0.1 with basic auth (replaces this process)."""
-    import os  # noqa: PLC0415
+    import os
 
-    from xnai_tasks.flower import ensure_credentials, flower_argv, flower_env  # noqa: PLC0415
+    from xnai_tasks.flower import ensure_credentials, flower_argv, flower_env
 
     creds, new = ensure_credentials(settings)
     if new:
@@ -95,7 +95,7 @@ def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     """Enqueue a task; with --wait print its result as JSON."""
-    from xnai_tasks.client import Client  # noqa: PLC0415
+    from xnai_tasks.client import Client
 
     kwargs = _json_object(args.kwargs)
     client = Client(settings)
@@ -112,7 +112,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Redis reachability, workers online per role, queue depths."""
-    from xnai_tasks.status import collect_status, format_status  # noqa: PLC0415
+    from xnai_tasks.status import collect_status, format_status
 
     status = collect_status(settings)
     print(json.dumps(status) if args.json else format_status(status))
@@ -121,7 +121,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     """Run a named benchmark."""
-    from xnai_tasks.bench import BENCHMARKS  # noqa: PLC0415
+    from xnai_tasks.bench import BENCHMARKS
 
     if args.name not in BENCHMARKS:
         raise UsageError(f"unknown benchmark {args.name!r} (benchmarks: {', '.join(BENCHMARKS)})")
@@ -132,7 +132,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Start the stack, run a real task on every role, print the answers, stop."""
-    from xnai_tasks.demo import run_demo  # noqa: PLC0415
+    from xnai_tasks.demo import run_demo
 
     return run_demo(settings)
 

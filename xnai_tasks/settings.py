@@ -37,7 +37,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_ENCODER_MODEL", "(manifest default)", "path of another encoder folder (transformers)"),
     Variable("XNAI_RESERVED_CORES", "2", "cores kept for the system; workers get the rest"),
     Variable("XNAI_FLOWER_PORT", "5555", "port Flower binds on 127.0.0.1"),
-    Variable("XNAI_VISIBILITY_TIMEOUT", "3600", "seconds before an unacked task is redelivered; above the longest task"),
+    Variable(
+        "XNAI_VISIBILITY_TIMEOUT", "3600", "seconds before an unacked task is redelivered; above the longest task"
+    ),
     Variable("XNAI_TASK_TIME_LIMIT", "1800", "hard time limit of a task in seconds (the soft limit is 90% of it)"),
     Variable("XNAI_LOG_LEVEL", "INFO", "level of the JSON log written to XNAI_HOME/logs"),
 )
@@ -79,6 +81,24 @@ class Settings:
                 f"XNAI_TASK_TIME_LIMIT={settings.task_time_limit}, or long tasks are delivered twice"
             )
         return settings
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``XNAI_*`` variables, for a child process that must see the same ones."""
+        env = {
+            "XNAI_HOME": str(self.home),
+            "XNAI_RESERVED_CORES": str(self.reserved_cores),
+            "XNAI_FLOWER_PORT": str(self.flower_port),
+            "XNAI_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
+            "XNAI_TASK_TIME_LIMIT": str(self.task_time_limit),
+            "XNAI_LOG_LEVEL": self.log_level,
+        }
+        optional = {
+            "XNAI_REDIS_URL": self.redis_url,
+            "XNAI_LLM_MODEL": self.llm_model,
+            "XNAI_ENCODER_MODEL": self.encoder_model,
+        }
+        env.update({name: str(value) for name, value in optional.items() if value is not None})
+        return env
 
     @property
     def embedded(self) -> bool:

@@ -11,8 +11,8 @@ from xnai_tasks.settings import Settings
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     """Status as a JSON-ready dict; raises BrokerUnreachableError when Redis does not answer."""
-    from xnai_tasks.celery_app import create_app  # noqa: PLC0415
-    from xnai_tasks.supervisor import workers_online  # noqa: PLC0415
+    from xnai_tasks.celery_app import create_app
+    from xnai_tasks.supervisor import workers_online
 
     broker.require_reachable(settings)
     conn = broker.connect(settings.broker_url)

@@ -7,6 +7,7 @@ grace period. Nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,9 +81,9 @@ class Stack:
             creds, new = ensure_credentials(self.settings)
             if new:
                 print(f"Flower credentials (shown once, kept in {self.settings.home}): {creds.basic_auth}")
-        env = dict(os.environ, XNAI_HOME=str(self.settings.home))
+        env = {**os.environ, **self.settings.to_env()}
         for spec in process_specs(self.roles, flower=self.flower, redis=False):
-            self.children[spec.name] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self.children[spec.name] = subprocess.Popen(  # our own interpreter and module
                 spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True
             )
             log.info("started %s (pid %d)", spec.name, self.children[spec.name].pid)
@@ -118,7 +119,8 @@ class Stack:
         """Stop every child's process group, then Redis. A second signal cannot interrupt it."""
         _ignore_stop_signals()
         for proc in self.children.values():
-            _signal_group(proc, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # warm shutdown: the worker lets running tasks finish
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in self.children.values():
             try:
@@ -159,7 +161,7 @@ def workers_online(app: Celery, timeout: float = 1.0) -> dict[str, list[str]]:
     return online
 
 
-class StopRequested(BaseException):  # noqa: N818 - a signal, not an error
+class StopRequested(BaseException):
     """Raised in the main thread by SIGINT or SIGTERM so that ``with Stack(...)`` unwinds and stops all."""
 
 
@@ -175,10 +177,8 @@ def raise_on_stop_signals() -> None:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_descendants() -> None:
@@ -186,10 +186,8 @@ def _kill_descendants() -> None:
     for proc in psutil.Process().children(recursive=True):
         if "redis-server" in " ".join(_cmdline(proc)):
             continue
-        try:
+        with contextlib.suppress(psutil.Error):
             proc.kill()
-        except psutil.Error:
-            pass
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:

@@ -44,7 +44,7 @@ def role_task(role: str, **options: Any) -> Callable[[F], F]:
 
     def register(fn: F) -> F:
         name = c.task_name(role, fn.__name__)
-        task = app.task(name=name, base=RoleTask, queue=c.queue_for(role), bind=True, **options)(fn)
+        task = app.task(name=name, base=RoleTask, bind=True, **options)(fn)
         return task  # type: ignore[no-any-return]
 
     return register
@@ -63,7 +63,7 @@ def role_tasks() -> dict[str, list[str]]:
 
 def register_diagnostics(role: str) -> None:
     """Register the tasks every role has: ``health`` (facts of the process) and ``echo`` (round-trip probe)."""
-    from xnai_tasks.health import process_facts  # noqa: PLC0415 - keeps psutil out of client imports
+    from xnai_tasks.health import process_facts  # keeps psutil out of client imports
 
     def health(self: RoleTask) -> dict[str, Any]:
         """Facts of the worker process that ran this task."""

@@ -34,7 +34,7 @@ def worker_argv(settings: Settings, role: str, *, concurrency: int, beat: bool) 
 
 def run_worker(settings: Settings, role: str, *, concurrency: int | None = None, beat: bool = False) -> None:
     """Run the role's worker in this process until it is stopped."""
-    from xnai_tasks.celery_app import app  # noqa: PLC0415
+    from xnai_tasks.celery_app import app
 
     setup_logging(settings)
     app.worker_main(worker_argv(settings, role, concurrency=concurrency or default_concurrency(), beat=beat))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -41,22 +42,22 @@ def private_stack_home(settings: Settings) -> Iterator[Settings]:
 
 def child_env(settings: Settings) -> dict[str, str]:
     """Environment for a process that must see the same settings."""
-    env = dict(os.environ, XNAI_HOME=str(settings.home))
-    if settings.redis_url:
-        env["XNAI_REDIS_URL"] = settings.redis_url
-    return env
+    return {**os.environ, **settings.to_env()}
 
 
 @contextmanager
 def worker_process(argv: Sequence[str], settings: Settings, app: Celery, node_prefix: str) -> Iterator[None]:
     """Run a worker subprocess until the block ends; wait until a node named ``node_prefix@...`` answers."""
-    proc = subprocess.Popen(  # noqa: S603 - our own interpreter
-        [sys.executable, *argv],
-        env=child_env(settings),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log_path = settings.home / f"{node_prefix}.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(  # our own interpreter
+            [sys.executable, *argv],
+            env=child_env(settings) | {"XNAI_LOG_LEVEL": "WARNING"},
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while not any(node.startswith(f"{node_prefix}@") for reply in app.control.ping(timeout=0.5) for node in reply):
@@ -64,12 +65,14 @@ def worker_process(argv: Sequence[str], settings: Settings, app: Celery, node_pr
                 raise ProcessError(f"benchmark worker {node_prefix} did not come up")
         yield
     finally:
-        os.killpg(proc.pid, 15)
+        proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
 
 
 def median(values: Sequence[float]) -> float:

@@ -30,7 +30,7 @@ app = Celery("plain", set_as_current=False)
 app.add_defaults(_config)
 
 
-@app.task(name="plain.noop")  # type: ignore[misc]
+@app.task(name="plain.noop")  # type: ignore[untyped-decorator]
 def noop(value: Any = None) -> Any:
     """Return the value: the same work as our ``echo``."""
     return value

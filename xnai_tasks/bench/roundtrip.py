@@ -35,9 +35,9 @@ def measure(submit: Submit, tasks: int) -> tuple[float, float]:
 
 def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its report."""
-    from xnai_tasks.bench import plain_app  # noqa: PLC0415
-    from xnai_tasks.celery_app import create_app  # noqa: PLC0415
-    from xnai_tasks.client import Client  # noqa: PLC0415
+    from xnai_tasks.bench import plain_app
+    from xnai_tasks.celery_app import create_app
+    from xnai_tasks.client import Client
 
     tasks, rounds, concurrency = int(args.tasks), int(args.rounds), int(args.concurrency)
     with private_stack_home(settings) as bench:
@@ -56,8 +56,9 @@ def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any
             "plain": lambda i: plain.send_task("plain.noop", kwargs={"value": i}, queue=plain_app.QUEUE),
         }
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
-        with worker_process(ours_worker, bench, control, "copilot"), worker_process(
-            plain_worker, bench, control, "plain"
+        with (
+            worker_process(ours_worker, bench, control, "copilot"),
+            worker_process(plain_worker, bench, control, "plain"),
         ):
             for submit in apps.values():
                 measure(submit, WARMUP_TASKS)
@@ -66,7 +67,7 @@ def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any
                     runs[name].append(measure(submit, tasks))
         ours.close()
         control.close()
-    summary = {
+    summary: dict[str, dict[str, Any]] = {
         name: {
             "enqueue_per_s": round(median([r[0] for r in values]), 1),
             "roundtrip_per_s": round(median([r[1] for r in values]), 1),

@@ -1,0 +1,61 @@
+"""Fixtures: a private XNAI_HOME, the embedded Redis, and a real running stack of role workers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from support import free_port, short_home
+
+from xnai_tasks.celery_app import create_app
+from xnai_tasks.client import Client
+from xnai_tasks.redis_server import EmbeddedRedis
+from xnai_tasks.settings import Settings
+from xnai_tasks.supervisor import Stack
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = short_home()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server(home: Path) -> Iterator[EmbeddedRedis]:
+    """A private embedded Redis for one test."""
+    with EmbeddedRedis(Settings(home=home)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Iterator[Settings]:
+    path = short_home()
+    yield Settings(home=path, flower_port=free_port())
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def control_app(stack_settings: Settings) -> Iterator[Celery]:
+    """A Celery app on the stack's broker, for control commands and raw sends."""
+    app = create_app(stack_settings, main="xnai_test_control")
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings, control_app: Celery) -> Iterator[Stack]:
+    """The whole system, real processes: embedded Redis, one worker per role (copilot with beat), Flower."""
+    with Stack(stack_settings, flower=True) as running:
+        running.wait_workers(control_app)
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack, stack_settings: Settings) -> Iterator[Client]:
+    c = Client(stack_settings)
+    yield c
+    c.close()

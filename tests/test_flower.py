@@ -1,0 +1,51 @@
+"""Flower runs beside the stack on 127.0.0.1 with generated basic-auth credentials."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from xnai_tasks.flower import ensure_credentials
+from xnai_tasks.settings import Settings
+from xnai_tasks.supervisor import Stack
+
+
+def _get(url: str, auth: str | None) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, None
+
+
+def test_flower_api_lists_role_workers_only_with_credentials(stack: Stack, stack_settings: Settings) -> None:
+    # Given the credentials generated under XNAI_HOME (mode 0600)
+    creds, new = ensure_credentials(stack_settings)
+    assert not new
+    assert (stack_settings.home / "flower.json").stat().st_mode & 0o777 == 0o600
+    url = f"http://127.0.0.1:{stack_settings.flower_port}/api/workers?refresh=1"
+    # When /api/workers is asked with them, Then it lists every role's worker
+    deadline = time.monotonic() + 60
+    workers: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            status, workers = _get(url, creds.basic_auth)
+        except OSError:
+            status = 0  # Flower not listening yet
+        if status == 200 and all(
+            any(n.startswith(f"{r}@") for n in workers) for r in ("copilot", "cline", "grok", "curation")
+        ):
+            break
+        time.sleep(1)
+    assert status == 200, status
+    assert {node.split("@")[0] for node in workers} >= {"copilot", "cline", "grok", "curation"}
+    # And without credentials, or with wrong ones, it answers 401
+    assert _get(url, None)[0] == 401
+    assert _get(url, f"{creds.user}:wrong")[0] == 401

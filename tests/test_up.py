@@ -1,0 +1,78 @@
+"""``xnai up`` runs the Procfile's processes and leaves none behind on SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from support import free_port
+
+from xnai_tasks.settings import Settings
+from xnai_tasks.supervisor import render_procfile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_procfile_is_what_xnai_up_runs() -> None:
+    # The Procfile (for honcho) and `xnai up` come from one list of processes
+    assert (ROOT / "Procfile").read_text() == render_procfile()
+
+
+def _wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> list[str]:
+    """Read the process's stdout (in a thread, so a silent process cannot block us) until ``text``."""
+    assert proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            seen.append(lines.get(timeout=0.5))
+        except queue.Empty:
+            assert proc.poll() is None, f"xnai up exited early: {seen[-20:]}"
+            continue
+        if text in seen[-1]:
+            return seen
+    raise AssertionError(f"no {text!r} within {timeout} s: {seen[-20:]}")
+
+
+@pytest.mark.parametrize(
+    ("sig", "args"), [(signal.SIGTERM, ["--no-flower"]), (signal.SIGINT, ["--roles", "cline,grok"])]
+)
+def test_up_stops_everything_on_signal(home: Path, sig: signal.Signals, args: list[str]) -> None:
+    # Given `xnai up` running until ready
+    settings = Settings(home=home, flower_port=free_port())
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xnai_tasks", "up", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = _wait_for_line(proc, "xnai up: ready", 120)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in started)
+        assert "redis-server" in names and "worker" in names
+        if "--no-flower" not in args:
+            assert "flower" in names and any("Flower credentials" in line for line in lines)
+        # When the signal arrives
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0
+        # Then no process it started is left
+        time.sleep(0.5)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [p.cmdline() for p in left]
+        assert not settings.redis_socket.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
