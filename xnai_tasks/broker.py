@@ -5,6 +5,8 @@ from __future__ import annotations
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from xnai_tasks import constants as c
 from xnai_tasks.errors import BrokerUnreachableError
@@ -13,9 +15,13 @@ from xnai_tasks.settings import Settings
 CONNECT_TIMEOUT_S = 2.0
 
 
-def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> redis.Redis:
-    """A redis-py client for a Celery-style Redis URL (``redis://``, ``rediss://``, ``redis+socket://``)."""
+def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S, retries: int = 3) -> redis.Redis:
+    """A redis-py client for a Celery-style Redis URL (``redis://``, ``rediss://``, ``redis+socket://``).
+
+    ``retries=0`` makes a dead server fail at once (redis-py otherwise retries with backoff for seconds).
+    """
     parts = urlsplit(url)
+    retry = Retry(NoBackoff(), retries)
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     if parts.scheme in ("redis+socket", "unix"):
@@ -25,13 +31,14 @@ def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> redis.Redis:
             password=password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            retry=retry,
         )
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry)
 
 
 def require_reachable(settings: Settings) -> None:
     """Raise :class:`BrokerUnreachableError` unless Redis answers PING within the connect timeout."""
-    conn = connect(settings.broker_url)
+    conn = connect(settings.broker_url, retries=0)
     try:
         conn.ping()
     except redis.AuthenticationError:
