@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Exchange, Queue
 
+from xnai_tasks import acl
 from xnai_tasks import constants as c
 
 if TYPE_CHECKING:
@@ -48,9 +49,14 @@ RETRY_MAX = 3
 
 
 def task_queues() -> list[Queue]:
-    """One durable direct queue per role; the routing key is the role name."""
-    exchange = Exchange("xnai", type="direct")
-    return [Queue(c.queue_for(role), exchange, routing_key=role) for role in c.ROLES]
+    """One durable queue per role, bound to a direct exchange of its own named after the role.
+
+    kombu keeps an exchange's bindings in the set ``_kombu.binding.EXCHANGE``, which a worker writes
+    when it declares its queue. With one exchange per role, that set is ``_kombu.binding.ROLE`` and
+    only that role (and the copilot) may write it: a compromised worker cannot add a binding that
+    routes another role's messages into its own queue (xnai_tasks.acl).
+    """
+    return [Queue(c.queue_for(role), Exchange(role, type="direct"), routing_key=role) for role in c.ROLES]
 
 
 def task_routes() -> dict[str, dict[str, str]]:
@@ -58,9 +64,13 @@ def task_routes() -> dict[str, dict[str, str]]:
     return {f"{role}.*": {"queue": c.queue_for(role), "routing_key": role} for role in c.ROLES}
 
 
-def transport_options(settings: Settings) -> dict[str, Any]:
-    """kombu Redis transport options shared by producers and workers."""
-    return {
+def transport_options(settings: Settings, role: str | None = None) -> dict[str, Any]:
+    """kombu Redis transport options shared by producers and workers.
+
+    With a role (or ``flower``), the unacked hash, its index and the restore mutex are that role's own
+    keys (``unacked:ROLE`` ...): its ACL user may write those and no other role's.
+    """
+    options: dict[str, Any] = {
         "visibility_timeout": settings.visibility_timeout,
         "socket_connect_timeout": 3,
         "socket_timeout": 30,
@@ -69,16 +79,33 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "interval_step": 0.5,
         "interval_max": 1,
     }
+    if role is not None and role != acl.ADMIN:
+        options.update(acl.worker_transport_options(role))
+    return options
 
 
-def build(settings: Settings) -> dict[str, Any]:
-    """The full Celery configuration for these settings."""
+def identity(settings: Settings, role: str | None = None) -> tuple[str, str | None]:
+    """The broker URL and the ACL user a process connects as.
+
+    The embedded Redis runs with ACLs: ``role`` (default: the copilot, the producer the Python API
+    is) gets its credentials. An external URL is used as given; the user it names, if any, is the role.
+    """
+    if settings.embedded:
+        user = role or acl.DEFAULT_USER
+        return acl.connection_url(settings, user), user
+    named = role or acl.url_user(settings.broker_url)
+    return settings.broker_url, named if role or named in acl.USERS else None
+
+
+def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
+    """The full Celery configuration for these settings, connecting as ``role`` (see :func:`identity`)."""
+    url, user = identity(settings, role)
     return {
         **SERIALIZATION,
         **RELIABILITY,
-        "broker_url": settings.broker_url,
-        "result_backend": settings.broker_url,
-        "broker_transport_options": transport_options(settings),
+        "broker_url": url,
+        "result_backend": url,
+        "broker_transport_options": transport_options(settings, user),
         "result_backend_transport_options": {"retry_policy": {"timeout": 3.0}},
         "redis_socket_connect_timeout": 3,
         "redis_socket_timeout": 30,
@@ -89,6 +116,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": settings.soft_time_limit,
         "beat_schedule_filename": str(settings.home / c.BEAT_SCHEDULE_FILE),
+        "beat_schedule": {"check-services": {"task": "copilot.check_services", "schedule": 60.0}},
         "worker_hijack_root_logger": False,
         "worker_consumer": "xnai_tasks.gate:GatedConsumer",
     }

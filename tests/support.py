@@ -7,7 +7,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from xnai_tasks.settings import Settings
 
@@ -39,3 +42,50 @@ def run_xnai(
         timeout=timeout,
         check=False,
     )
+
+
+def publish_raw(
+    app: Any,
+    *,
+    task: str,
+    queue: str,
+    kwargs: dict[str, Any] | None = None,
+    signer: Any = None,
+    sign_queue: str | None = None,
+    now: float | None = None,
+    mutate: Callable[[dict[str, Any]], None] | None = None,
+    task_id: str | None = None,
+) -> tuple[str, dict[str, Any], Any]:
+    """Publish a task message straight to a queue, as anyone who can write to Redis could.
+
+    The message is Celery's own protocol 2; it is signed with ``signer`` (over ``sign_queue`` or
+    ``queue``) when given, then ``mutate`` may change its headers. Returns (task id, headers, body).
+    """
+    from xnai_tasks.signing import SIG_HEADER, sign_message
+
+    task_id = task_id or str(uuid.uuid4())
+    message = app.amqp.as_task_v2(task_id, task, args=(), kwargs=kwargs or {})
+    headers = dict(message.headers)
+    if signer is not None:
+        headers[SIG_HEADER] = sign_message(
+            signer, headers=headers, body=message.body, queue=sign_queue or queue, now=now
+        )
+    if mutate is not None:
+        mutate(headers)
+    resend(app, queue, headers, message.body)
+    return task_id, headers, message.body
+
+
+def resend(app: Any, queue: str, headers: dict[str, Any], body: Any) -> None:
+    """Publish a body and headers as they are (no signing hook runs) to ``queue``."""
+    target = app.amqp.queues[queue]
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange=target.exchange,
+            routing_key=target.routing_key,
+            headers=headers,
+            serializer="json",
+            declare=[target],
+            retry=True,
+        )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support import run_xnai
-
 from xnai_tasks.settings import Settings
+
+from support import run_xnai
 
 
 def test_roundtrip_bench_reports_both_apps_and_ratios(home: Path) -> None:
@@ -16,7 +16,12 @@ def test_roundtrip_bench_reports_both_apps_and_ratios(home: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert set(report["apps"]) == {"signed", "plain"}
+    assert set(report["apps"]) == {"signed", "plain", "auth"}
     for app in report["apps"].values():
         assert app["enqueue_per_s"] > 0 and app["roundtrip_per_s"] > 0
-    assert set(report["ratios"]) >= {"signed_vs_plain_roundtrip", "signed_vs_plain_enqueue"}
+    assert set(report["ratios"]) >= {
+        "signed_vs_plain_roundtrip",
+        "signed_vs_plain_enqueue",
+        "signed_vs_auth_roundtrip",
+        "signed_vs_auth_enqueue",
+    }

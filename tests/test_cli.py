@@ -8,10 +8,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import run_xnai
 
 from xnai_tasks.settings import Settings
 from xnai_tasks.supervisor import Stack
+
+from support import run_xnai
 
 
 def test_submit_wait_prints_the_result_as_json(stack: Stack, stack_settings: Settings) -> None:

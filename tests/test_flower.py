@@ -49,3 +49,28 @@ def test_flower_api_lists_role_workers_only_with_credentials(stack: Stack, stack
     # And without credentials, or with wrong ones, it answers 401
     assert _get(url, None)[0] == 401
     assert _get(url, f"{creds.user}:wrong")[0] == 401
+
+
+def test_flower_sees_signed_tasks_and_their_results(stack: Stack, stack_settings: Settings) -> None:
+    # Given a signed task run through the stack (Celery's own `auth` serializer breaks Flower; ours must not)
+    from xnai_tasks.client import Client
+
+    client = Client(stack_settings)
+    handle = client.submit("grok", "echo", value="seen by flower")
+    assert handle.get(timeout=30) == "seen by flower"
+    client.close()
+    creds, _ = ensure_credentials(stack_settings)
+    # Then Flower's task API shows it with its state, and its dashboard page renders
+    base = f"http://127.0.0.1:{stack_settings.flower_port}"
+    deadline = time.monotonic() + 30
+    info: Any = None
+    while time.monotonic() < deadline:
+        status, info = _get(f"{base}/api/task/info/{handle.id}", creds.basic_auth)
+        if status == 200 and info and info.get("state") == "SUCCESS":
+            break
+        time.sleep(0.5)
+    assert info and info["state"] == "SUCCESS" and info["name"] == "grok.echo"
+    request = urllib.request.Request(f"{base}/workers")
+    request.add_header("Authorization", "Basic " + base64.b64encode(creds.basic_auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and b"grok@" in response.read()

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from support import run_xnai
 
 from xnai_tasks import broker
 from xnai_tasks import constants as c
 from xnai_tasks.client import Client
+from xnai_tasks.keys import init_keys
 from xnai_tasks.redis_server import EmbeddedRedis, find_redis_server
 from xnai_tasks.settings import Settings
+
+from support import run_xnai
 
 EXTERNAL_URL = "redis://127.0.0.1:6379/11"
 
@@ -96,6 +98,7 @@ def _external_redis_answers() -> bool:
 def test_external_redis_url_runs_a_real_task(home: Path) -> None:
     # Given XNAI_REDIS_URL pointing at the Redis 7 on this machine, and a cline worker using it
     settings = Settings(home=home, redis_url=EXTERNAL_URL)
+    init_keys(home)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
     worker = subprocess.Popen(
         [sys.executable, "-m", "xnai_tasks", "worker", "cline", "--concurrency=1"],

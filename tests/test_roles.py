@@ -9,7 +9,7 @@ import psutil
 import pytest
 from celery import Celery
 
-from xnai_tasks import broker
+from xnai_tasks import acl, broker
 from xnai_tasks import constants as c
 from xnai_tasks.client import Client
 from xnai_tasks.errors import UnknownRoleError, UnknownTaskError
@@ -27,7 +27,8 @@ def test_health_is_answered_by_that_roles_worker(stack: Stack, client: Client, r
     worker_pid = stack.children[role].pid
     assert psutil.Process(facts["pid"]).ppid() == worker_pid
     assert facts["cpu_affinity"] and facts["rss_bytes"] > 10_000_000
-    assert facts["models"] == [] and facts["celery_version"].startswith("5.")
+    assert facts["models"] and all(m["loaded"] for m in facts["models"])  # preloaded by the worker parent
+    assert facts["celery_version"].startswith("5.")
 
 
 def test_many_tasks_never_cross_roles(stack: Stack, client: Client) -> None:
@@ -49,7 +50,7 @@ def test_a_task_pushed_into_another_roles_queue_is_refused(
     stack: Stack, stack_settings: Settings, control_app: Celery
 ) -> None:
     # Given a grok task forced into the cline queue, bypassing the routes
-    conn = broker.connect(stack_settings.broker_url)
+    conn = broker.connect(acl.connection_url(stack_settings, acl.ADMIN))
     before = int(conn.hget(c.refused_counter_key("cline"), "wrong_queue") or 0)
     result = control_app.send_task("grok.echo", kwargs={"value": "moved"}, queue="cline", routing_key="cline")
     # When the cline worker receives it

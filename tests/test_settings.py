@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import run_xnai
 
 from xnai_tasks.errors import SettingsError
 from xnai_tasks.settings import Settings
+
+from support import run_xnai
 
 
 def test_defaults_use_embedded_redis_under_home(home: Path) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import free_port
 
 from xnai_tasks.settings import Settings
 from xnai_tasks.supervisor import render_procfile
+
+from support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,3 +77,24 @@ def test_up_stops_everything_on_signal(home: Path, sig: signal.Signals, args: li
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_children_do_not_outlive_a_killed_up(home: Path) -> None:
+    # Given `xnai up` running until ready
+    settings = Settings(home=home, flower_port=free_port())
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xnai_tasks", "up", "--no-flower", "--roles", "cline"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    _wait_for_line(proc, "xnai up: ready", 120)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    # When it is killed with SIGKILL, so it cannot stop anything itself
+    proc.kill()
+    proc.wait(10)
+    # Then its children stop anyway (the kernel signals them when their parent dies)
+    _gone, alive = psutil.wait_procs(started, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]

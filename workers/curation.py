@@ -1,9 +1,134 @@
-"""Curation: chunking, batched embedding, indexing into the memory bank and semantic search."""
+"""Curation: chunking, batched embedding, indexing into the memory bank, semantic search, classification.
+
+Every task runs the role's encoder (all-MiniLM-L6-v2 by default): preloaded in the worker parent, or
+loaded on first use in lazy mode. Vectors are L2-normalised, so scores are cosine similarities.
+"""
 
 from __future__ import annotations
 
-from xnai_tasks.tasks import register_diagnostics
+import os
+from typing import Any
+
+from xnai_tasks import models as m
+from xnai_tasks import runtime
+from xnai_tasks.errors import UsageError
+from xnai_tasks.memory_bank import MemoryBank
+from xnai_tasks.tasks import RoleTask, register_diagnostics, role_task
+from xnai_tasks.textwork import Timer, require_count, require_text, require_texts
 
 ROLE = "curation"
+#: Chunks of at most this many words (an encoder token is ~0.75 word; the encoder reads 256 tokens).
+CHUNK_WORDS = 150
+CHUNK_OVERLAP = 30
+#: How a label is phrased for the encoder when classifying.
+LABEL_TEMPLATE = "This text is about {label}."
 
 register_diagnostics(ROLE)
+
+
+def _encode(texts: list[str], timer: Timer) -> tuple[list[list[float]], str]:
+    """Embed with the role's encoder, timing the load (if this call loads it) and the embedding."""
+    holder = runtime.registry(ROLE).encoder
+    batch_size = int(holder.model.params.get("batch_size", 32))
+    with runtime.using(holder, timer) as encoder, timer.phase("embed"):
+        vectors = m.embed(encoder, texts, batch_size=batch_size)
+    return vectors, holder.model.name
+
+
+@role_task(ROLE)
+def embed(self: RoleTask, texts: list[str]) -> dict[str, Any]:
+    """Embeddings of ``texts`` (one batched pass): L2-normalised float vectors, in order."""
+    items = require_texts("texts", texts)
+    timer = Timer()
+    vectors, model = _encode(items, timer)
+    timings = timer.as_dict()
+    return {
+        "model": model,
+        "pid": os.getpid(),
+        "count": len(vectors),
+        "dim": len(vectors[0]),
+        "vectors": vectors,
+        "timings": timings | {"texts_per_s": round(len(items) / max(timings["embed_s"], 1e-9), 1)},
+    }
+
+
+@role_task(ROLE)
+def index(self: RoleTask, documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chunk, embed and store ``documents`` (``[{"id", "text"}]``) in the memory bank.
+
+    A document indexed again under the same id replaces the earlier one.
+    """
+    if not isinstance(documents, list) or not documents:
+        raise UsageError('documents must be a non-empty list of {"id": ..., "text": ...}')
+    docs: list[tuple[str, str]] = []
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, dict) or set(doc) - {"id", "text"}:
+            raise UsageError(f'documents[{i}] must be an object with "id" and "text" only')
+        doc_id = require_text(f"documents[{i}].id", doc.get("id"), max_chars=256)
+        docs.append((doc_id, require_text(f"documents[{i}].text", doc.get("text"), max_chars=2_000_000)))
+    if len({doc_id for doc_id, _ in docs}) != len(docs):
+        raise UsageError("documents has the same id twice")
+    timer = Timer()
+    with timer.phase("chunk"):
+        chunked = [(doc_id, text, m.chunk_text(text, CHUNK_WORDS, CHUNK_OVERLAP)) for doc_id, text in docs]
+    flat = [chunk for _, _, chunks in chunked for chunk in chunks]
+    vectors, model = _encode(flat, timer)
+    bank = MemoryBank()
+    with timer.phase("store"):
+        start = 0
+        for doc_id, text, chunks in chunked:
+            bank.put(doc_id, len(text), chunks, vectors[start : start + len(chunks)], model)
+            start += len(chunks)
+    return {
+        "model": model,
+        "pid": os.getpid(),
+        "documents": len(docs),
+        "chunks": len(flat),
+        "ids": [doc_id for doc_id, _ in docs],
+        "chunks_per_document": {doc_id: len(chunks) for doc_id, _, chunks in chunked},
+        "bank_chunks": bank.chunk_count(),
+        "timings": timer.as_dict(),
+    }
+
+
+@role_task(ROLE)
+def search(self: RoleTask, query: str, k: int = 5) -> dict[str, Any]:
+    """The ``k`` chunks of the memory bank closest in meaning to ``query``: ids, chunks and scores, best first."""
+    text = require_text("query", query, max_chars=10_000)
+    count = require_count("k", k, 1, 100)
+    timer = Timer()
+    vectors, model = _encode([text], timer)
+    with timer.phase("search"):
+        hits, scanned = MemoryBank().search(vectors[0], count, model)
+    return {
+        "model": model,
+        "pid": os.getpid(),
+        "query": text,
+        "k": count,
+        "scanned_chunks": scanned,
+        "hits": [hit.to_dict() for hit in hits],
+        "timings": timer.as_dict(),
+    }
+
+
+@role_task(ROLE)
+def classify(self: RoleTask, text: str, labels: list[str]) -> dict[str, Any]:
+    """Score each label by the cosine similarity of ``text`` to "This text is about LABEL."; best first."""
+    body = require_text("text", text)
+    names = require_texts("labels", labels, max_items=200)
+    if len(set(names)) != len(names):
+        raise UsageError("labels has the same label twice")
+    timer = Timer()
+    vectors, model = _encode([body] + [LABEL_TEMPLATE.format(label=name) for name in names], timer)
+    scores = {name: round(m.cosine(vectors[0], vector), 4) for name, vector in zip(names, vectors[1:], strict=True)}
+    ranking = sorted(names, key=lambda name: scores[name], reverse=True)
+    return {
+        "model": model,
+        "pid": os.getpid(),
+        "label": ranking[0],
+        "scores": scores,
+        "ranking": ranking,
+        "margin": round(scores[ranking[0]] - scores[ranking[1]], 4) if len(ranking) > 1 else None,
+        "method": f"cosine similarity to '{LABEL_TEMPLATE}'",
+        "timings": timer.as_dict(),
+    }

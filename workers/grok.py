@@ -1,9 +1,165 @@
-"""Grok: long-form analysis, trade-off evaluation and recommendation synthesis."""
+"""Grok: long-form synthesis and structured trade-off analysis.
+
+Grok holds the LLM and the encoder. When the LLM cannot be loaded (over the RAM budget in lazy mode,
+or missing), ``analyze`` and ``synthesize`` (given a context) degrade to an encoder-only extractive
+answer marked ``degraded: true`` with the reason, instead of failing (DESIGN.md 2).
+"""
 
 from __future__ import annotations
 
-from xnai_tasks.tasks import register_diagnostics
+import os
+from typing import Any
+
+from xnai_tasks import models as m
+from xnai_tasks import runtime
+from xnai_tasks.errors import ModelError, RefusedError, UsageError
+from xnai_tasks.tasks import RoleTask, register_diagnostics, role_task
+from xnai_tasks.textwork import Timer, optional_text, require_count, require_text, sentences
 
 ROLE = "grok"
+SYNTHESIZE_MAX_TOKENS = 256
+ANALYZE_MAX_TOKENS = 96
+MAX_TOKENS_LIMIT = 2048
+#: Sentences an extractive (degraded) answer keeps.
+EXTRACT_SENTENCES = 3
 
 register_diagnostics(ROLE)
+
+
+def _llm_unavailable(timer: Timer) -> str | None:
+    """None when the LLM is loaded (loading it now if needed), else why it cannot be."""
+    holder = runtime.registry(ROLE).llm
+    if holder.loaded:
+        return None
+    try:
+        with timer.phase("load"):
+            holder.load()
+    except (RefusedError, ModelError) as exc:
+        return str(exc)
+    return None
+
+
+def _embed(texts: list[str], timer: Timer) -> list[list[float]]:
+    holder = runtime.registry(ROLE).encoder
+    with runtime.using(holder, timer) as encoder, timer.phase("embed"):
+        return m.embed(encoder, texts)
+
+
+def _extract(query: str, text: str, timer: Timer, n: int = EXTRACT_SENTENCES) -> list[dict[str, Any]]:
+    """The ``n`` sentences of ``text`` closest to ``query``, in their original order, with scores."""
+    found = sentences(text)
+    if not found:
+        return []
+    vectors = _embed([query, *found], timer)
+    scored = [(m.cosine(vectors[0], v), i) for i, v in enumerate(vectors[1:])]
+    keep = sorted(i for _, i in sorted(scored, reverse=True)[:n])
+    score = {i: s for s, i in scored}
+    return [{"sentence": found[i], "score": round(score[i], 4)} for i in keep]
+
+
+@role_task(ROLE)
+def synthesize(
+    self: RoleTask,
+    prompt: str,
+    context: str | None = None,
+    max_tokens: int = SYNTHESIZE_MAX_TOKENS,
+    temperature: float | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """A long-form answer to ``prompt`` (grounded in ``context`` if given); extractive when the LLM is out."""
+    question = require_text("prompt", prompt, max_chars=20_000)
+    background = optional_text("context", context)
+    limit = require_count("max_tokens", max_tokens, 1, MAX_TOKENS_LIMIT)
+    timer = Timer()
+    reason = _llm_unavailable(timer)
+    if reason is not None:
+        if background is None:
+            raise RefusedError(f"the LLM is unavailable and there is no context to extract from: {reason}")
+        picked = _extract(question, background, timer)
+        return {
+            "model": runtime.registry(ROLE).encoder.model.name,
+            "pid": os.getpid(),
+            "prompt": question,
+            "text": " ".join(p["sentence"] for p in picked),
+            "evidence": picked,
+            "degraded": True,
+            "degraded_reason": reason,
+            "completion_tokens": 0,
+            "timings": timer.as_dict(),
+        }
+    holder = runtime.registry(ROLE).llm
+    text = question if background is None else f"{background.strip()}\n\n{question}"
+    with holder.use() as llm, timer.phase("generate"):
+        temp = float(llm.defaults.get("temperature", 0.7)) if temperature is None else float(temperature)
+        out = m.generate(llm, text, limit, temp, seed=seed)
+    return {"prompt": question, "text": out["text"], "degraded": False} | runtime.generation_report(holder, out, timer)
+
+
+def _options(options: Any) -> list[tuple[str, str]]:
+    """``options`` as (name, description) pairs: strings, or objects with "name" and an optional "description"."""
+    if not isinstance(options, list) or not 2 <= len(options) <= 12:
+        raise UsageError('options must be a list of 2 to 12 names or {"name", "description"} objects')
+    pairs: list[tuple[str, str]] = []
+    for i, option in enumerate(options):
+        if isinstance(option, dict):
+            name = require_text(f"options[{i}].name", option.get("name"), max_chars=200)
+            description = optional_text(f"options[{i}].description", option.get("description")) or ""
+        else:
+            name, description = require_text(f"options[{i}]", option, max_chars=200), ""
+        pairs.append((name.strip(), description.strip()))
+    if len({name for name, _ in pairs}) != len(pairs):
+        raise UsageError("options has the same name twice")
+    return pairs
+
+
+@role_task(ROLE)
+def analyze(
+    self: RoleTask, question: str, options: list[Any], max_tokens: int = ANALYZE_MAX_TOKENS, seed: int | None = None
+) -> dict[str, Any]:
+    """A structured trade-off comparison of ``options`` for ``question``.
+
+    Each option gets a relevance score (encoder: cosine similarity of the option to the question), the
+    sentences of its description that bear most on the question, and an LLM assessment of its advantages
+    and disadvantages (``max_tokens`` each). The recommendation is the most relevant option.
+    """
+    asked = require_text("question", question, max_chars=4000)
+    pairs = _options(options)
+    limit = require_count("max_tokens", max_tokens, 1, 512)
+    timer = Timer()
+    described = [f"{name}: {description}" if description else name for name, description in pairs]
+    vectors = _embed([asked, *described], timer)
+    relevance = [m.cosine(vectors[0], v) for v in vectors[1:]]
+    reason = _llm_unavailable(timer)
+    rows: list[dict[str, Any]] = []
+    tokens = 0
+    for (name, description), score in zip(pairs, relevance, strict=True):
+        row: dict[str, Any] = {"name": name, "description": description, "relevance": round(score, 4)}
+        row["evidence"] = _extract(asked, description, timer, 2) if description else []
+        if reason is None:
+            holder = runtime.registry(ROLE).llm
+            prompt = f"{asked}\nWhat are the advantages and disadvantages of {described[len(rows)]}?"
+            with holder.use() as llm, timer.phase("generate"):
+                out = m.generate(llm, prompt, limit, float(llm.defaults.get("temperature", 0.7)), seed=seed)
+            row["assessment"] = out["text"]
+            tokens += out["completion_tokens"]
+        else:
+            row["assessment"] = " ".join(e["sentence"] for e in row["evidence"]) or None
+        rows.append(row)
+    ranked = sorted(rows, key=lambda r: r["relevance"], reverse=True)
+    models = runtime.registry(ROLE)
+    timings = timer.as_dict()
+    return {
+        "model": models.encoder.model.name if reason else models.llm.model.name,
+        "pid": os.getpid(),
+        "models": {"llm": None if reason else models.llm.model.name, "encoder": models.encoder.model.name},
+        "question": asked,
+        "options": rows,
+        "ranking": [r["name"] for r in ranked],
+        "recommendation": ranked[0]["name"],
+        "method": "ranked by encoder similarity to the question"
+        + ("; assessments are extracted sentences (no LLM)" if reason else "; assessments are LLM text, unchecked"),
+        "degraded": reason is not None,
+        "degraded_reason": reason,
+        "completion_tokens": tokens,
+        "timings": timings | {"tokens_per_s": round(tokens / max(timings.get("generate_s", 0.0), 1e-9), 1)},
+    }

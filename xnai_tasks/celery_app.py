@@ -17,21 +17,33 @@ from xnai_tasks.settings import Settings
 ROLE_MODULES = ("workers.copilot", "workers.cline", "workers.grok", "workers.curation")
 
 
-def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks") -> Celery:
-    """A Celery app for ``settings``; with ``None``, settings are read from the environment when first needed."""
-    application = Celery(main, include=list(ROLE_MODULES), set_as_current=False)
+def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", current: bool = False) -> Celery:
+    """A Celery app for ``settings``; with ``None``, settings are read from the environment when first needed.
+
+    Only the package's own ``app`` is Celery's current app (Flower builds its results on the current app).
+    """
+    application = Celery(main, include=list(ROLE_MODULES), set_as_current=current)
     if settings is not None:
-        application.conf.update(celeryconfig.build(settings))
+        application.conf.update(_config(settings))
     else:
 
         def from_env() -> dict[str, Any]:
-            return celeryconfig.build(Settings.from_env())
+            return _config(Settings.from_env())
 
         application.add_defaults(from_env)
     return application
 
 
-app = create_app()
+def _config(settings: Settings) -> dict[str, Any]:
+    """celeryconfig's settings, with results stored through the signing backend."""
+    from xnai_tasks.security import result_backend_url
+
+    config = celeryconfig.build(settings)
+    config["result_backend"] = result_backend_url(config["result_backend"])
+    return config
+
+
+app = create_app(current=True)
 
 
 @signals.setup_logging.connect  # type: ignore[untyped-decorator]
@@ -40,3 +52,7 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     from xnai_tasks.logs import setup_logging
 
     setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)
+
+
+# Signal handlers that must be connected in every process that loads the app.
+from xnai_tasks import runtime, worker_role  # noqa: E402, F401

@@ -112,10 +112,61 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Redis reachability, workers online per role, queue depths."""
-    from xnai_tasks.status import collect_status, format_status
+    from xnai_tasks.status import collect_status, dead_letters, format_status
 
+    if args.dead_letters:
+        entries = dead_letters(settings, _role(args.dead_letters), args.limit)
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
     status = collect_status(settings)
     print(json.dumps(status) if args.json else format_status(status))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """Manage the Ed25519 keyring: init, list, rotate AGENT, authorize AGENT PATTERN..., revoke KID."""
+    from xnai_tasks import keys
+
+    home = settings.home
+    if args.action == "init":
+        keyring = keys.init_keys(home)
+        print(f"keyring at {keys.keyring_path(home)}: agents {', '.join(keyring.agents())}")
+    elif args.action == "list":
+        rows = keys.list_keys(home)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            print(f"{'agent':10}{'key id':18}{'age':>9}  {'status':8}permissions")
+            for row in rows:
+                age = f"{row['age_s'] / 86400:.1f}d" if row["age_s"] >= 86400 else f"{row['age_s'] / 3600:.1f}h"
+                print(f"{row['agent']:10}{row['kid']:18}{age:>9}  {row['status']:8}{', '.join(row['permissions'])}")
+    elif args.action == "rotate":
+        entry = keys.rotate(home, _one(args.args, "rotate AGENT"), grace_s=args.grace)
+        print(f"{entry.agent}: new key {entry.kid}; older keys stay valid for {args.grace:.0f} s")
+    elif args.action == "authorize":
+        if len(args.args) < 2:
+            raise UsageError(
+                "usage: xnai keys authorize AGENT PATTERN [PATTERN...] (patterns like cline.* or grok.synthesize)"
+            )
+        patterns = keys.authorize(home, args.args[0], args.args[1:], replace=args.replace)
+        print(f"{args.args[0]} may dispatch: {', '.join(patterns)}")
+    else:  # revoke
+        entry = keys.revoke(home, _one(args.args, "revoke KID"))
+        print(f"revoked {entry.kid} of {entry.agent}")
+    return 0
+
+
+def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the Redis ACL rules (with this home's password hashes when asked)."""
+    from xnai_tasks import acl
+
+    passwords = acl.ensure_passwords(settings.home) if args.hashes else None
+    try:
+        major, minor = (int(part) for part in args.redis_version.split(".")[:2])
+    except ValueError:
+        raise UsageError(f"--redis-version {args.redis_version!r} is not MAJOR.MINOR") from None
+    print(acl.render_acl(passwords, db=acl.url_db(settings.broker_url), server_version=(major, minor)), end="")
     return 0
 
 
@@ -127,6 +178,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"unknown benchmark {args.name!r} (benchmarks: {', '.join(BENCHMARKS)})")
     report = BENCHMARKS[args.name](settings, args)
     print(json.dumps(report) if args.json else _format_report(report))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """The resource plan for this host: per role processes, threads, CPU set, model mode, RAM share."""
+    from xnai_tasks.plan import format_plan, plan_for
+
+    plan = plan_for(settings)
+    print(plan.to_json() if args.json else format_plan(plan))
     return 0
 
 
@@ -166,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait with --wait (default 60)")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="broker, workers and queues")
+    p = sub.add_parser("status", help="broker, workers, queues and refused messages")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dead-letters", metavar="ROLE", help="print the refused raw messages kept for ROLE")
+    p.add_argument("--limit", type=int, default=20, help="with --dead-letters: how many, newest first")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("bench", help="run a benchmark side by side with its baseline")
@@ -176,7 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=2000, help="tasks per measurement (roundtrip)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     p.add_argument("--concurrency", type=int, default=2, help="worker pool processes")
+    p.add_argument("--tokens", type=int, default=None, help="max tokens per LLM task (llm, memory, threads)")
+    p.add_argument("--threads", type=int, default=None, help="threads per process (llm; default 2)")
+    p.add_argument("--texts", type=int, default=None, help="texts per embedding measurement (embed, threads)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("keys", help="manage the Ed25519 keys and who may dispatch what")
+    p.add_argument("action", choices=["init", "list", "rotate", "authorize", "revoke"])
+    p.add_argument("args", nargs="*", help="AGENT for rotate; AGENT PATTERN... for authorize; KID for revoke")
+    p.add_argument("--grace", type=float, default=86400.0, help="rotate: seconds the old key stays valid")
+    p.add_argument("--replace", action="store_true", help="authorize: replace the permissions instead of adding")
+    p.add_argument("--json", action="store_true", help="list: JSON")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("plan", help="the resource plan for this host (per role processes, threads, CPUs, models)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("acl", help="Redis ACL users of the roles")
+    p.add_argument("action", choices=["render"])
+    p.add_argument("--hashes", action="store_true", help="fill in the SHA-256 hashes of this home's passwords")
+    p.add_argument("--redis-version", default="7.0", help="render for this Redis version (6.2 has no %%R~/%%W~)")
+    p.set_defaults(func=cmd_acl)
 
     p = sub.add_parser("demo", help="start the stack, run a real task on every role, print, stop")
     p.set_defaults(func=cmd_demo)
@@ -209,6 +292,12 @@ def _roles(spec: str) -> tuple[str, ...]:
     if not names:
         raise UsageError("--roles names no role")
     return tuple(_role(name) for name in names)
+
+
+def _one(values: list[str], usage: str) -> str:
+    if len(values) != 1:
+        raise UsageError(f"usage: xnai keys {usage}")
+    return values[0]
 
 
 def _json_object(text: str) -> dict[str, Any]:

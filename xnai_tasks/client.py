@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
@@ -19,17 +22,20 @@ from xnai_tasks.errors import (
     UnknownRoleError,
     UnknownTaskError,
 )
+from xnai_tasks.keys import Keyring, SignerSource
+from xnai_tasks.security import load_agent, signing_as, use_agent
 from xnai_tasks.settings import Settings
+from xnai_tasks.signing import SIG_HEADER, verify_result
 
 
 class TaskHandle:
     """A submitted task: its id, and :meth:`get` to wait for the result."""
 
-    def __init__(self, result: AsyncResult, role: str, task: str, settings: Settings) -> None:
+    def __init__(self, result: AsyncResult, role: str, task: str, keyring: Keyring) -> None:
         self._result = result
         self.role = role
         self.task = task
-        self._settings = settings
+        self._keyring = keyring
 
     @property
     def id(self) -> str:
@@ -49,21 +55,41 @@ class TaskHandle:
             ) from None
         except (RedisError, OperationalError, OSError) as exc:
             raise BrokerUnreachableError(f"lost the broker while waiting for {self.id}: {exc}") from None
+        self._verify()
         if self._result.failed():
             raise TaskFailedError(f"{self.role}.{self.task} {self.id} failed: {_describe(value)}")
         return value
+
+    def _verify(self) -> None:
+        """The stored result must be signed by the key of the role the task was sent to."""
+        meta = self._result._get_task_meta()
+        result = meta.get("result")
+        if isinstance(result, BaseException):  # Celery rebuilt the exception; check what was stored
+            raw = self._result.backend.get(self._result.backend.get_key_for_task(self.id))
+            meta = json.loads(raw) if raw else {}
+            result = meta.get("result")
+        verify_result(
+            self._keyring,
+            task_id=self.id,
+            status=str(meta.get("status")),
+            result=result,
+            signature=meta.get(SIG_HEADER),
+            agent=self.role,
+        )
 
 
 class Client:
     """Submits tasks to role queues and waits for their results."""
 
-    def __init__(self, settings: Settings, app: Celery | None = None) -> None:
+    def __init__(self, settings: Settings, app: Celery | None = None, *, agent: str = "copilot") -> None:
         from xnai_tasks.celery_app import create_app  # avoids an import cycle
 
         self.settings = settings
+        self.agent = agent
+        self._keyring: Keyring | None = None
+        self._signer: SignerSource | None = None
         self.app = app if app is not None else create_app(settings, main="xnai_client")
         self._catalogue: dict[str, list[str]] | None = None
-        self._broker_checked = False
 
     @classmethod
     def from_env(cls) -> Client:
@@ -81,21 +107,41 @@ class Client:
     def submit(self, role: str, task: str, **kwargs: Any) -> TaskHandle:
         """Enqueue ``ROLE.TASK`` with ``kwargs`` on the role's own queue."""
         self._check(role, task)
-        if not self._broker_checked:  # fail within seconds, not after kombu's retries
-            broker.require_reachable(self.settings)
-            self._broker_checked = True
+        keyring = self._ready()
+        assert self._signer is not None  # set by _ready
         try:
-            result = self.app.send_task(
-                c.task_name(role, task),
-                kwargs=kwargs,
-                queue=c.queue_for(role),
-                routing_key=role,
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
-            )
+            with signing_as(self._signer):
+                result = self.app.send_task(
+                    c.task_name(role, task),
+                    kwargs=kwargs,
+                    queue=c.queue_for(role),
+                    routing_key=role,
+                    retry=True,
+                    retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+                )
         except (OperationalError, RedisError, OSError) as exc:
             raise BrokerUnreachableError(f"could not enqueue {role}.{task}: {exc}") from None
-        return TaskHandle(result, role, task, self.settings)
+        return TaskHandle(result, role, task, keyring)
+
+    @contextmanager
+    def signing(self) -> Iterator[None]:
+        """Sign what is published in the block with this client's key: for Celery canvases built on ``app``.
+
+        ``with client.signing(): chain(client.app.signature("cline.echo", kwargs={"value": 1}), ...).delay()``
+        """
+        self._ready()
+        assert self._signer is not None
+        with signing_as(self._signer):
+            yield
+
+    def _ready(self) -> Keyring:
+        """Once: the broker answers (fail within seconds, not after kombu's retries), and our key is loaded."""
+        if self._keyring is None:
+            broker.require_reachable(self.settings)
+            self._signer = load_agent(self.settings.home, self.agent)
+            use_agent(self.settings.home, self.agent, default_only=True)  # canvas built on this app
+            self._keyring = Keyring.load(self.settings.home)
+        return self._keyring
 
     def close(self) -> None:
         """Release broker and backend connections."""

@@ -89,3 +89,28 @@ def refused_counter_key(role: str) -> str:
 def nonce_key(nonce: str) -> str:
     """Marks a message nonce as seen, for the maximum message age (replay protection)."""
     return f"{XNAI_KEY_PREFIX}nonce:{nonce}"
+
+
+# ---- The memory bank (curation's index of chunks and their embeddings); every key starts here ----
+
+BANK_PREFIX: Final = f"{XNAI_KEY_PREFIX}bank:"
+
+
+def bank_meta_key() -> str:
+    """Hash: the encoder model whose vectors the bank holds, and their dimension."""
+    return f"{BANK_PREFIX}meta"
+
+
+def bank_chunks_key() -> str:
+    """Set of every chunk key in the bank (what a search scans)."""
+    return f"{BANK_PREFIX}chunks"
+
+
+def bank_doc_key(doc_id: str) -> str:
+    """Hash of one indexed document: its chunk count, text length, model and time of indexing."""
+    return f"{BANK_PREFIX}doc:{doc_id}"
+
+
+def bank_chunk_key(doc_id: str, index: int) -> str:
+    """Hash of one chunk: document id, position, text, and its vector as little-endian float32 bytes."""
+    return f"{BANK_PREFIX}chunk:{doc_id}:{index}"

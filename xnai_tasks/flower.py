@@ -8,6 +8,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 
+from xnai_tasks import acl
 from xnai_tasks import constants as c
 from xnai_tasks.settings import Settings
 
@@ -57,4 +58,7 @@ def flower_argv(settings: Settings) -> list[str]:
 
 def flower_env(settings: Settings, creds: FlowerCredentials) -> dict[str, str]:
     """Environment for the Flower process."""
-    return {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": creds.basic_auth}
+    env = {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": creds.basic_auth}
+    if settings.embedded:  # Flower connects as its own ACL user: watch, inspect, never consume
+        env["XNAI_REDIS_URL"] = acl.connection_url(settings, acl.FLOWER)
+    return env

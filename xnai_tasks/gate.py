@@ -19,7 +19,11 @@ from kombu.message import Message
 
 from xnai_tasks import broker
 from xnai_tasks import constants as c
+from xnai_tasks.errors import MessageRejected
+from xnai_tasks.keys import Keyring
+from xnai_tasks.security import claim_nonce
 from xnai_tasks.settings import Settings
+from xnai_tasks.signing import nonce_ttl_s, verify_message
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +39,8 @@ class Refusal:
     detail: str
 
 
-Check = Callable[[Message, frozenset[str]], Refusal | None]
-
-
-def check_role(message: Message, queues: frozenset[str]) -> Refusal | None:
+def check_role(headers: dict[str, Any], queues: frozenset[str]) -> Refusal | None:
     """The task must belong to a role whose queue this worker consumes (``cline.*`` only from ``cline``)."""
-    headers = message.headers if isinstance(message.headers, dict) else {}
     task = headers.get("task")
     if not isinstance(task, str) or "." not in task:
         return Refusal("malformed", "no task name in the headers")
@@ -51,22 +51,56 @@ def check_role(message: Message, queues: frozenset[str]) -> Refusal | None:
 
 
 class MessageGate:
-    """Runs the checks on a message and refuses it loudly when one fails."""
+    """Checks a message before anything runs, and refuses it loudly when a check fails.
 
-    def __init__(self, settings: Settings, queues: frozenset[str], checks: list[Check]) -> None:
+    Checks, in order: the task belongs to a consumed queue; the Ed25519 signature over body and headers
+    is valid, by a known, unrevoked key that may dispatch this task to this role, not too old, not from
+    the future; the nonce was not used before (replay).
+    """
+
+    def __init__(self, settings: Settings, queues: frozenset[str], keyring: Keyring, redis_url: str) -> None:
         self.settings = settings
         self.queues = queues
-        self.checks = checks
-        self._redis = broker.connect(settings.broker_url, timeout=5.0)
+        self.keyring = keyring
+        self.nonce_ttl_s = nonce_ttl_s(settings.max_message_age)
+        self._redis = broker.connect(redis_url, timeout=5.0)
 
     def admit(self, message: Message) -> bool:
         """True when the message may run; otherwise it has been refused and rejected."""
-        for check in self.checks:
-            refusal = check(message, self.queues)
-            if refusal is not None:
-                self.refuse(message, refusal)
-                return False
-        return True
+        refusal = self.check(message)
+        if refusal is None:
+            return True
+        self.refuse(message, refusal)
+        return False
+
+    def check(self, message: Message) -> Refusal | None:
+        """Why the message must not run, or None."""
+        headers = message.headers
+        if not isinstance(headers, dict):
+            return Refusal("malformed", "headers are not a mapping")
+        refusal = check_role(headers, self.queues)
+        if refusal is not None:
+            return refusal
+        role = str(headers["task"]).split(".", 1)[0]
+        try:
+            body = message.decode()
+        except Exception as exc:  # any undecodable body is a refusal, never a crash of the consumer
+            return Refusal("malformed", f"body does not decode: {type(exc).__name__}")
+        try:
+            verified = verify_message(
+                self.keyring,
+                headers=headers,
+                body=body,
+                queue=role,
+                now=time.time(),
+                max_age_s=self.settings.max_message_age,
+                role=role,
+            )
+        except MessageRejected as rejected:
+            return Refusal(rejected.reason, rejected.detail)
+        redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
+        replay = claim_nonce(self._redis, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
+        return None if replay is None else Refusal("replay", replay)
 
     def refuse(self, message: Message, refusal: Refusal) -> None:
         """Reject without requeue, log one WARNING line, count it, keep the raw message."""
@@ -104,7 +138,10 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         handle = super().create_task_handler(*args, **kwargs)
-        gate = MessageGate(Settings.from_env(), consumed_queues(self.app), default_checks())
+        settings = Settings.from_env()
+        gate = MessageGate(
+            settings, consumed_queues(self.app), Keyring.load(settings.home), str(self.app.conf.broker_url)
+        )
 
         def on_task_received(message: Message) -> Any:
             if gate.admit(message):
@@ -118,11 +155,6 @@ def consumed_queues(app: Any) -> frozenset[str]:
     """Names of the queues this worker consumes (``-Q``), or every queue when none was named."""
     names = app.amqp.queues.consume_from or app.amqp.queues
     return frozenset(str(name) for name in names)
-
-
-def default_checks() -> list[Check]:
-    """The checks every message passes, in order."""
-    return [check_role]
 
 
 def _role_of(headers: dict[str, Any], queues: frozenset[str]) -> str:

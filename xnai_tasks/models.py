@@ -177,7 +177,7 @@ def _gguf_override(path: Path, entry: ManifestEntry, cache: _VerifiedCache) -> M
     expected = _sidecar_sha256(path)
     if expected is not None:
         _verify_file(path, size, expected, cache, path.name)
-    ram = int(size * 1.1) + 256 * _MiB
+    ram = _gguf_ram(size)
     params = {k: v for k, v in entry.params.items() if k not in _PROMPT_PARAMS}
     return ModelFile(path.stem, "gguf", path, size, expected, expected is not None, ram, params, False)
 
@@ -219,9 +219,34 @@ def _encoder_override(folder: Path, entry: ManifestEntry) -> ModelFile:
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no .safetensors weights{hint}")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no tokenizer files")
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    ram = int(size * 1.3) + 32 * _MiB
+    size = _folder_size(folder)
+    ram = _encoder_ram(size)
     return ModelFile(folder.name, "encoder", folder, size, None, False, ram, entry.params, False)
+
+
+def _gguf_ram(size: int) -> int:
+    """Expected resident footprint of a GGUF of ``size`` bytes (weights, repacking, context)."""
+    return int(size * 1.1) + 256 * _MiB
+
+
+def _encoder_ram(size: int) -> int:
+    """Expected resident footprint of an encoder folder of ``size`` bytes."""
+    return int(size * 1.3) + 32 * _MiB
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def model_footprints(settings: Settings, manifest: Path | None = None) -> dict[ModelKind, int]:
+    """Expected RAM of the LLM and the encoder, for the plan: cheap (no checksum, no assembly)."""
+    entries = load_manifest(manifest)
+    sizes: dict[ModelKind, int] = {kind: entry.ram_bytes for kind, entry in entries.items()}
+    if settings.llm_model is not None and settings.llm_model.is_file():
+        sizes["gguf"] = _gguf_ram(settings.llm_model.stat().st_size)
+    if settings.encoder_model is not None and settings.encoder_model.is_dir():
+        sizes["encoder"] = _encoder_ram(_folder_size(settings.encoder_model))
+    return sizes
 
 
 def _source_path(raw: str, base: Path) -> Path:
@@ -542,8 +567,12 @@ class ModelHolder(Generic[T]):
         keep_alive: float = DEFAULT_KEEP_ALIVE_SECONDS,
         margin_bytes: int = DEFAULT_RAM_MARGIN_BYTES,
         available_ram: Callable[[], int] | None = None,
+        budget: RamBudget | None = None,
     ) -> None:
         self.model = model
+        self.budget = budget
+        if budget is not None:
+            budget.holders.append(self)
         self.mode = mode
         self.keep_alive = keep_alive
         self.margin_bytes = margin_bytes
@@ -646,6 +675,8 @@ class ModelHolder(Generic[T]):
         }
 
     def _check_budget(self) -> None:
+        if self.budget is not None and self.mode == "lazy":
+            self.budget.check(self)
         available = self._available_ram()
         need = self.model.ram_bytes + self.margin_bytes
         if available < need:
@@ -665,6 +696,30 @@ class ModelHolder(Generic[T]):
 
         self._reaper = threading.Thread(target=reap, name=f"xnai-unload-{self.model.name}", daemon=True)
         self._reaper.start()
+
+
+class RamBudget:
+    """A cap on the lazily loaded models one process holds at once (``XNAI_MODEL_RAM_MB``)."""
+
+    def __init__(self, limit_bytes: int | None) -> None:
+        self.limit_bytes = limit_bytes
+        self.holders: list[ModelHolder[Any]] = []
+
+    def held_bytes(self, besides: ModelHolder[Any] | None = None) -> int:
+        """Expected RAM of the models loaded now (other than ``besides``)."""
+        return sum(h.model.ram_bytes for h in self.holders if h is not besides and h.loaded)
+
+    def check(self, holder: ModelHolder[Any]) -> None:
+        """Raise :class:`OverBudgetError` when loading ``holder`` would go over the cap."""
+        if self.limit_bytes is None:
+            return
+        held = self.held_bytes(besides=holder)
+        if held + holder.model.ram_bytes > self.limit_bytes:
+            raise OverBudgetError(
+                f"loading {holder.model.name} needs ~{holder.model.ram_bytes // _MiB} MiB on top of "
+                f"{held // _MiB} MiB loaded, over this process's cap of {self.limit_bytes // _MiB} MiB "
+                f"(XNAI_MODEL_RAM_MB): refused"
+            )
 
 
 def _available_ram() -> int:
@@ -689,10 +744,15 @@ class ModelRegistry:
         *,
         keep_alive: float = DEFAULT_KEEP_ALIVE_SECONDS,
         manifest: Path | None = None,
+        ram_cap_bytes: int | None = None,
     ) -> ModelRegistry:
-        """Resolve (and verify) the role's models; nothing is loaded yet."""
+        """Resolve (and verify) the role's models; nothing is loaded yet.
+
+        ``ram_cap_bytes`` caps what the lazily loaded models of one process may hold together.
+        """
         kinds = role_models(role)
         threads = plan.threads_per_process
+        budget = RamBudget(ram_cap_bytes)
         llm = encoder = None
         if "gguf" in kinds:
             gguf = resolve_model("gguf", settings, manifest)
@@ -702,6 +762,7 @@ class ModelRegistry:
                 lambda: load_llm(gguf.path, n_ctx, threads, params=gguf.params),
                 plan.model_mode,
                 keep_alive=keep_alive,
+                budget=budget,
             )
         if "encoder" in kinds:
             enc = resolve_model("encoder", settings, manifest)
@@ -711,6 +772,7 @@ class ModelRegistry:
                 lambda: load_encoder(enc.path, threads, max_length=max_length),
                 plan.model_mode,
                 keep_alive=keep_alive,
+                budget=budget,
             )
         return cls(llm, encoder)
 
@@ -770,9 +832,11 @@ def generate(
     system: str | None = None,
     stop: Sequence[str] | None = None,
     seed: int | None = None,
+    raw: bool = False,
 ) -> Generation:
     """Generate with the model's prompt format (chat template or completion template).
 
+    ``raw=True`` continues ``prompt`` as it is, with no template (e.g. code after a comment header).
     ``system`` is prepended to the prompt (Gemma has no system role). ``max_tokens`` is lowered to what
     the context has room for; a prompt that does not fit at all raises :class:`ModelError`.
     """
@@ -780,7 +844,8 @@ def generate(
     top_p = float(llm.defaults.get("top_p", 0.95))
     repeat_penalty = float(llm.defaults.get("repeat_penalty", 1.1))
     text = prompt if system is None else f"{system}\n\n{prompt}"
-    if llm.prompt_format == "completion":
+    completion = raw or llm.prompt_format == "completion"
+    if completion and not raw:
         text = llm.completion_template.replace("{prompt}", text)
     used = len(llm.llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)) + 16
     room = llm.n_ctx - used
@@ -789,7 +854,7 @@ def generate(
     max_tokens = max(1, min(max_tokens, room))
     start = time.monotonic()
     try:
-        if llm.prompt_format == "completion":
+        if completion:
             out: Any = llm.llama.create_completion(
                 prompt=text,
                 max_tokens=max_tokens,

@@ -1,14 +1,17 @@
 """The embedded Redis (DESIGN.md 5): a private redis-server on a unix socket under XNAI_HOME.
 
-AOF persistence with ``appendfsync everysec``, ``maxmemory-policy noeviction``, no TCP port.
-A server already answering on the socket is reused (and left running); a stale socket or pid
-file is removed before starting.
+AOF persistence with ``appendfsync everysec``, ``maxmemory-policy noeviction``, no TCP port, and ACLs
+on: ``redis/users.acl`` is rendered from ``acl/passwords.json`` at every start (xnai_tasks.acl), the
+default user is off and this module talks to the server as ``admin``. A server already answering on the
+socket is reused (and left running) when it accepts our admin credentials; a stale socket or pid file
+is removed before starting.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +21,10 @@ from types import TracebackType
 
 import redis
 
+from xnai_tasks import acl
 from xnai_tasks import constants as c
 from xnai_tasks.errors import RedisServerError
+from xnai_tasks.proc import die_with_parent
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,18 @@ def find_redis_server() -> str:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return str(path)
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    """Major and minor version of a redis-server binary (``redis-server --version``)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RedisServerError(f"cannot run {binary} --version: {exc}") from None
+    found = re.search(r"v=(\d+)\.(\d+)", out)
+    if found is None:
+        raise RedisServerError(f"cannot tell the version of {binary} from {out.strip()[:80]!r}")
+    return int(found.group(1)), int(found.group(2))
 
 
 def render_config(settings: Settings, acl_file: Path | None = None) -> str:
@@ -82,34 +99,71 @@ def ping(socket_path: Path, *, username: str | None = None, password: str | None
 
 
 class EmbeddedRedis:
-    """Start (or reuse) and stop the embedded redis-server. Use as a context manager."""
+    """Start (or reuse) and stop the embedded redis-server. Use as a context manager.
 
-    def __init__(self, settings: Settings) -> None:
+    With ``acl_enabled`` (the default) the server loads the per-role ACL users, :attr:`url` carries the admin
+    credentials and :meth:`url_for` gives any user's URL.
+    """
+
+    def __init__(self, settings: Settings, *, acl_enabled: bool = True) -> None:
         self.settings = settings
+        self.acl_enabled = acl_enabled
         self.process: subprocess.Popen[bytes] | None = None
         self.reused = False
+        self._passwords: dict[str, str] | None = None
 
     @property
     def socket_path(self) -> Path:
         return self.settings.redis_socket
 
     @property
+    def acl_file(self) -> Path:
+        return self.settings.redis_dir / acl.ACL_FILE
+
+    @property
+    def passwords(self) -> dict[str, str]:
+        """The ACL users' passwords (created on first use)."""
+        if self._passwords is None:
+            self._passwords = acl.ensure_passwords(self.settings.home)
+        return self._passwords
+
+    @property
     def url(self) -> str:
-        return self.settings.broker_url
+        """The URL of the server, as admin when ACLs are on."""
+        return self.url_for(acl.ADMIN) if self.acl_enabled else self.settings.broker_url
+
+    def url_for(self, user: str) -> str:
+        """The URL of the server for one ACL user (``admin``, ``copilot``, a role, ``flower``)."""
+        return acl.role_broker_url(self.settings, user, self.passwords)
+
+    def client(self, user: str = acl.ADMIN, *, timeout: float = 5.0) -> redis.Redis:
+        """A redis-py client connected as ``user``."""
+        password = self.passwords[user] if self.acl_enabled else None
+        return redis.Redis(
+            unix_socket_path=str(self.socket_path),
+            username=user if self.acl_enabled else None,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
 
     def start(self) -> EmbeddedRedis:
         """Start redis-server and wait until it answers, or reuse one already answering."""
         self.settings.redis_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if ping(self.socket_path):
+            self._check_reusable()
             self.reused = True
             log.info("reusing the Redis already answering on %s", self.socket_path)
             return self
         self._remove_stale_files()
-        conf = self.settings.redis_dir / c.REDIS_CONF
-        conf.write_text(render_config(self.settings))
         binary = find_redis_server()
+        acl_file = None
+        if self.acl_enabled:
+            acl_file = acl.write_acl_file(self.acl_file, self.passwords, server_version=server_version(binary))
+        conf = self.settings.redis_dir / c.REDIS_CONF
+        conf.write_text(render_config(self.settings, acl_file))
         self.process = subprocess.Popen(  # fixed binary, our own config file
-            [binary, str(conf)], stdin=subprocess.DEVNULL, start_new_session=True
+            [binary, str(conf)], stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
         )
         self._wait_ready()
         log.info("embedded Redis %s started on %s (pid %d)", binary, self.socket_path, self.process.pid)
@@ -144,11 +198,33 @@ class EmbeddedRedis:
                 log_file = self.settings.redis_dir / c.REDIS_LOG
                 tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] if log_file.exists() else []
                 raise RedisServerError(f"redis-server exited with code {self.process.returncode}: {' '.join(tail)}")
-            if ping(self.socket_path):
+            if self._answers():
                 return
             time.sleep(0.05)
         self.stop()
         raise RedisServerError(f"redis-server did not answer on {self.socket_path} within {START_TIMEOUT_S:.0f} s")
+
+    def _answers(self) -> bool:
+        if not self.acl_enabled:
+            return ping(self.socket_path)
+        return ping(self.socket_path, username=acl.ADMIN, password=self.passwords[acl.ADMIN])
+
+    def _check_reusable(self) -> None:
+        """A server we reuse must know our admin user, or every connection would fail later."""
+        if not self.acl_enabled:
+            return
+        conn = self.client()
+        try:
+            conn.ping()
+        except redis.AuthenticationError:
+            raise RedisServerError(
+                f"a Redis answers on {self.socket_path} but refuses the admin credentials of "
+                f"{acl.passwords_path(self.settings.home)}: stop it, or point XNAI_HOME elsewhere"
+            ) from None
+        except redis.RedisError:
+            pass  # it answered ping() a moment ago; a transient error is left to the callers
+        finally:
+            conn.close()
 
     def _remove_stale_files(self) -> None:
         """Remove a socket nobody answers on, and a pid file whose process is gone."""

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from xnai_tasks import constants as c
@@ -41,7 +41,13 @@ VARIABLES: tuple[Variable, ...] = (
         "XNAI_VISIBILITY_TIMEOUT", "3600", "seconds before an unacked task is redelivered; above the longest task"
     ),
     Variable("XNAI_TASK_TIME_LIMIT", "1800", "hard time limit of a task in seconds (the soft limit is 90% of it)"),
+    Variable("XNAI_MAX_MESSAGE_AGE", "7200", "seconds a signed message stays valid; nonces are kept as long"),
     Variable("XNAI_LOG_LEVEL", "INFO", "level of the JSON log written to XNAI_HOME/logs"),
+    Variable("XNAI_MODEL_MODE", "auto", "auto (the plan decides), preload (before the fork) or lazy (on first use)"),
+    Variable("XNAI_KEEP_ALIVE", "300", "seconds a lazily loaded model stays in memory after its last use"),
+    Variable("XNAI_MODEL_RAM_MB", "(no cap)", "most MiB of lazily loaded models one worker process may hold"),
+    Variable("XNAI_THREADS", "(the plan)", "threads per pool process (llama.cpp and torch), overriding the plan"),
+    Variable("XNAI_PLAN", "(none)", 'JSON overrides of the plan per role, e.g. {"grok": {"processes": 2}}'),
 )
 
 
@@ -57,7 +63,14 @@ class Settings:
     flower_port: int = 5555
     visibility_timeout: int = 3600
     task_time_limit: int = 1800
+    max_message_age: int = 7200
     log_level: str = "INFO"
+    model_mode: str = "auto"
+    keep_alive: float = 300.0
+    model_ram_mb: int | None = None
+    threads: int | None = None
+    #: Plan overrides per role (JSON text, checked to be an object of objects): see xnai_tasks.plan.
+    plan_overrides: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -73,12 +86,23 @@ class Settings:
             flower_port=_int(env, "XNAI_FLOWER_PORT", 5555, 1, 65535),
             visibility_timeout=_int(env, "XNAI_VISIBILITY_TIMEOUT", 3600, 10, 7 * 24 * 3600),
             task_time_limit=_int(env, "XNAI_TASK_TIME_LIMIT", 1800, 1, 7 * 24 * 3600),
+            max_message_age=_int(env, "XNAI_MAX_MESSAGE_AGE", 7200, 10, 30 * 24 * 3600),
             log_level=_choice(env, "XNAI_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            model_mode=_choice(env, "XNAI_MODEL_MODE", "AUTO", ("AUTO", "PRELOAD", "LAZY")).lower(),
+            keep_alive=float(_int(env, "XNAI_KEEP_ALIVE", 300, 1, 7 * 24 * 3600)),
+            model_ram_mb=_optional(env, "XNAI_MODEL_RAM_MB", _bounded("XNAI_MODEL_RAM_MB", 1, 1 << 24)),
+            threads=_optional(env, "XNAI_THREADS", _bounded("XNAI_THREADS", 1, 1024)),
+            plan_overrides=_optional(env, "XNAI_PLAN", _parse_plan_overrides),
         )
         if settings.visibility_timeout <= settings.task_time_limit:
             raise SettingsError(
                 f"XNAI_VISIBILITY_TIMEOUT={settings.visibility_timeout} must be above "
                 f"XNAI_TASK_TIME_LIMIT={settings.task_time_limit}, or long tasks are delivered twice"
+            )
+        if settings.max_message_age <= settings.visibility_timeout:
+            raise SettingsError(
+                f"XNAI_MAX_MESSAGE_AGE={settings.max_message_age} must be above "
+                f"XNAI_VISIBILITY_TIMEOUT={settings.visibility_timeout}, or redelivered tasks are refused as expired"
             )
         return settings
 
@@ -90,12 +114,18 @@ class Settings:
             "XNAI_FLOWER_PORT": str(self.flower_port),
             "XNAI_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "XNAI_TASK_TIME_LIMIT": str(self.task_time_limit),
+            "XNAI_MAX_MESSAGE_AGE": str(self.max_message_age),
             "XNAI_LOG_LEVEL": self.log_level,
+            "XNAI_MODEL_MODE": self.model_mode,
+            "XNAI_KEEP_ALIVE": str(int(self.keep_alive)),
         }
         optional = {
             "XNAI_REDIS_URL": self.redis_url,
             "XNAI_LLM_MODEL": self.llm_model,
             "XNAI_ENCODER_MODEL": self.encoder_model,
+            "XNAI_MODEL_RAM_MB": self.model_ram_mb,
+            "XNAI_THREADS": self.threads,
+            "XNAI_PLAN": self.plan_overrides,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
@@ -128,6 +158,16 @@ class Settings:
     def soft_time_limit(self) -> int:
         return max(1, int(self.task_time_limit * 0.9))
 
+    @property
+    def plan_override_map(self) -> dict[str, dict[str, Any]]:
+        """XNAI_PLAN as a dict (role -> overridden plan fields); empty when unset."""
+        if self.plan_overrides is None:
+            return {}
+        import json
+
+        data: dict[str, dict[str, Any]] = json.loads(self.plan_overrides)
+        return data
+
 
 def _optional(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T | None:
     raw = env.get(name, "").strip()
@@ -145,6 +185,33 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise SettingsError(f"{name}={value} is out of range ({low} to {high})")
     return value
+
+
+def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        return _int({name: raw}, name, low, low, high)
+
+    return parse
+
+
+def _parse_plan_overrides(raw: str) -> str:
+    """XNAI_PLAN: a JSON object mapping roles to objects of plan fields; returned in canonical form."""
+    import json
+
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(f"XNAI_PLAN is not valid JSON: {exc}") from None
+    fields = ("processes", "threads_per_process", "cpus", "model_mode", "ram_share_bytes")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise SettingsError('XNAI_PLAN must be a JSON object of objects, e.g. {"grok": {"processes": 2}}')
+    for role, override in data.items():
+        if role not in c.ROLES:
+            raise SettingsError(f"XNAI_PLAN names an unknown role {role!r} (roles: {', '.join(c.ROLES)})")
+        unknown = sorted(set(override) - set(fields))
+        if unknown:
+            raise SettingsError(f"XNAI_PLAN.{role} has unknown fields {unknown} (fields: {', '.join(fields)})")
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:

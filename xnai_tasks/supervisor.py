@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 
@@ -23,6 +24,8 @@ from celery import Celery
 from xnai_tasks import constants as c
 from xnai_tasks.errors import ProcessError
 from xnai_tasks.flower import ensure_credentials
+from xnai_tasks.keys import init_keys
+from xnai_tasks.proc import die_with_parent
 from xnai_tasks.redis_server import EmbeddedRedis
 from xnai_tasks.settings import Settings
 
@@ -74,7 +77,8 @@ class Stack:
     redis: EmbeddedRedis | None = None
 
     def start(self) -> Stack:
-        """Start everything; Redis first, so workers find it."""
+        """Start everything; Redis first, so workers find it. Keys are made on first run."""
+        init_keys(self.settings.home)
         if self.settings.embedded:
             self.redis = EmbeddedRedis(self.settings).start()
         if self.flower:
@@ -84,7 +88,7 @@ class Stack:
         env = {**os.environ, **self.settings.to_env()}
         for spec in process_specs(self.roles, flower=self.flower, redis=False):
             self.children[spec.name] = subprocess.Popen(  # our own interpreter and module
-                spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True
+                spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
             )
             log.info("started %s (pid %d)", spec.name, self.children[spec.name].pid)
         return self
@@ -118,6 +122,7 @@ class Stack:
     def stop(self) -> None:
         """Stop every child's process group, then Redis. A second signal cannot interrupt it."""
         _ignore_stop_signals()
+        started = _descendants(self.children.values())
         for proc in self.children.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # warm shutdown: the worker lets running tasks finish
@@ -131,7 +136,9 @@ class Stack:
             _signal_group(proc, signal.SIGKILL)  # pool children whose parent is gone, stragglers
             proc.wait()
         self.children.clear()
-        _kill_descendants()
+        for leftover in started:  # e.g. a pool child that left its parent's process group
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -181,20 +188,13 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _kill_descendants() -> None:
-    """Kill any process of ours still alive (a child started as a signal arrived), except Redis."""
-    for proc in psutil.Process().children(recursive=True):
-        if "redis-server" in " ".join(_cmdline(proc)):
-            continue
+def _descendants(children: Iterable[subprocess.Popen[bytes]]) -> list[psutil.Process]:
+    """The processes our children started (pool children, Flower's), to make sure none outlives stop()."""
+    found: list[psutil.Process] = []
+    for child in children:
         with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-def _cmdline(proc: psutil.Process) -> list[str]:
-    try:
-        return list(proc.cmdline())
-    except psutil.Error:
-        return []
+            found.extend(psutil.Process(child.pid).children(recursive=True))
+    return found
 
 
 def _ignore_stop_signals() -> None:

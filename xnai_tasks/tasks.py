@@ -67,10 +67,15 @@ def register_diagnostics(role: str) -> None:
 
     def health(self: RoleTask) -> dict[str, Any]:
         """Facts of the worker process that ran this task."""
-        return process_facts(role, self.request.hostname, loaded_models())
+        return process_facts(role, self.request.hostname, loaded_models(role))
 
-    def echo(self: RoleTask, value: Any = None, delay_s: float = 0.0) -> Any:
-        """Return ``value`` after ``delay_s`` seconds: the no-op used by benchmarks and reliability tests."""
+    def echo(self: RoleTask, value: Any = None, delay_s: float = 0.0, retries: int = 0) -> Any:
+        """Return ``value`` after ``delay_s`` seconds: the probe used by benchmarks and reliability tests.
+
+        With ``retries=N`` it first retries itself N times (each retry is a new message, signed by this worker).
+        """
+        if self.request.retries < int(retries):
+            raise self.retry(countdown=0, max_retries=int(retries))
         if delay_s:
             time.sleep(float(delay_s))
         return value
@@ -79,6 +84,8 @@ def register_diagnostics(role: str) -> None:
     role_task(role)(echo)
 
 
-def loaded_models() -> list[dict[str, Any]]:
-    """What this worker process has loaded (filled in by the model registry)."""
-    return []
+def loaded_models(role: str) -> list[dict[str, Any]]:
+    """The role's models in this worker process: name, kind, mode (preload/lazy), loaded or not, sizes, threads."""
+    from xnai_tasks import runtime
+
+    return runtime.describe(role)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 from xnai_tasks import constants as c
 from xnai_tasks.logs import setup_logging
 from xnai_tasks.settings import Settings
 
 
-def default_concurrency() -> int:
-    """Pool processes when neither the command line nor the plan says: 2, or 1 on a 1-CPU host."""
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+def default_concurrency(settings: Settings, role: str) -> int:
+    """Pool processes when the command line does not say: the plan's (``xnai plan``)."""
+    from xnai_tasks.plan import plan_for
+
+    return plan_for(settings).roles[role].processes
 
 
 def worker_argv(settings: Settings, role: str, *, concurrency: int, beat: bool) -> list[str]:
@@ -37,4 +37,6 @@ def run_worker(settings: Settings, role: str, *, concurrency: int | None = None,
     from xnai_tasks.celery_app import app
 
     setup_logging(settings)
-    app.worker_main(worker_argv(settings, role, concurrency=concurrency or default_concurrency(), beat=beat))
+    app.worker_main(
+        worker_argv(settings, role, concurrency=concurrency or default_concurrency(settings, role), beat=beat)
+    )

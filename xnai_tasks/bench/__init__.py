@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from xnai_tasks.bench import model_benches
 from xnai_tasks.bench.roundtrip import run_roundtrip
 from xnai_tasks.settings import Settings
 
@@ -13,4 +14,9 @@ Benchmark = Callable[[Settings, argparse.Namespace], dict[str, Any]]
 
 BENCHMARKS: dict[str, Benchmark] = {
     "roundtrip": run_roundtrip,
+    "llm": model_benches.run_llm,
+    "memory": model_benches.run_memory,
+    "embed": model_benches.run_embed,
+    "threads": model_benches.run_threads,
+    "coldstart": model_benches.run_coldstart,
 }

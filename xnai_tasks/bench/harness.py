@@ -21,6 +21,7 @@ import psutil
 from celery import Celery
 
 from xnai_tasks.errors import ProcessError
+from xnai_tasks.keys import init_keys
 from xnai_tasks.redis_server import EmbeddedRedis
 from xnai_tasks.settings import Settings
 
@@ -30,6 +31,7 @@ def private_stack_home(settings: Settings) -> Iterator[Settings]:
     """Settings on a throw-away XNAI_HOME with its own embedded Redis (an external XNAI_REDIS_URL is kept)."""
     home = Path(tempfile.mkdtemp(prefix="xnai-bench-"))
     bench_settings = replace(settings, home=home)
+    init_keys(home)
     try:
         if bench_settings.embedded:
             with EmbeddedRedis(bench_settings):
@@ -46,13 +48,15 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 @contextmanager
-def worker_process(argv: Sequence[str], settings: Settings, app: Celery, node_prefix: str) -> Iterator[None]:
+def worker_process(
+    argv: Sequence[str], settings: Settings, app: Celery, node_prefix: str, extra_env: dict[str, str] | None = None
+) -> Iterator[None]:
     """Run a worker subprocess until the block ends; wait until a node named ``node_prefix@...`` answers."""
     log_path = settings.home / f"{node_prefix}.log"
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(  # our own interpreter
             [sys.executable, *argv],
-            env=child_env(settings) | {"XNAI_LOG_LEVEL": "WARNING"},
+            env=child_env(settings) | {"XNAI_LOG_LEVEL": "WARNING"} | (extra_env or {}),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
@@ -89,3 +93,101 @@ def host_facts() -> dict[str, Any]:
         "machine": platform.machine(),
         "loadavg_1m": os.getloadavg()[0],
     }
+
+
+@contextmanager
+def model_stack_home(settings: Settings) -> Iterator[Settings]:
+    """A throw-away XNAI_HOME with Redis (embedded unless external), keys and ACLs, and the models ready.
+
+    No worker is started: benchmarks start their own with :func:`role_worker`. The default models are
+    assembled and checksummed here, so no measurement pays for that.
+    """
+    from xnai_tasks.models import resolve_model
+    from xnai_tasks.supervisor import Stack
+
+    home = Path(tempfile.mkdtemp(prefix="xnai-bench-", dir="/tmp"))
+    bench_settings = replace(settings, home=home)
+    try:
+        with Stack(bench_settings, roles=(), flower=False):
+            resolve_model("gguf", bench_settings)
+            resolve_model("encoder", bench_settings)
+            yield bench_settings
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def start_worker(
+    settings: Settings,
+    role: str,
+    *,
+    concurrency: int | None = None,
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``xnai worker ROLE`` (or ``argv``) in its own session, output in XNAI_HOME/ROLE.log; no wait."""
+    if argv is None:
+        argv = [sys.executable, "-m", "xnai_tasks", "worker", role]
+        if concurrency is not None:
+            argv.append(f"--concurrency={concurrency}")
+    with open(settings.home / f"{role}.log", "ab") as log_file:
+        return subprocess.Popen(  # our own interpreter
+            argv,
+            env=child_env(settings) | {"XNAI_LOG_LEVEL": "WARNING"} | (env or {}),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+
+
+def wait_online(proc: subprocess.Popen[bytes], app: Celery, role: str, timeout: float = 180.0) -> None:
+    """Wait until the worker ``proc`` answers ``ping`` as ``ROLE@...``."""
+    deadline = time.monotonic() + timeout
+    while not any(node.startswith(f"{role}@") for reply in app.control.ping(timeout=0.5) or [] for node in reply):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ProcessError(f"benchmark worker {role} did not come up (exit code {proc.poll()})")
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a worker started by :func:`start_worker` and everything in its session."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+
+
+@contextmanager
+def role_worker(
+    settings: Settings,
+    app: Celery,
+    role: str,
+    *,
+    concurrency: int | None = None,
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A running ``xnai worker ROLE`` (or ``argv``) for the block, online before the block starts."""
+    proc = start_worker(settings, role, concurrency=concurrency, env=env, argv=argv)
+    try:
+        wait_online(proc, app, role)
+        yield proc
+    finally:
+        stop_worker(proc)
+
+
+def solo_worker_argv(role: str) -> list[str]:
+    """Plain ``celery worker`` for one role with the solo pool: one process that loads and runs everything."""
+    return [
+        sys.executable, "-m", "celery", "-A", "xnai_tasks", "worker", f"--queues={role}", f"--hostname={role}@%h",
+        "--pool=solo", "--loglevel=WARNING", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+
+
+def pss_bytes(pid: int) -> dict[str, int]:
+    """PSS of a process and of each of its children (a worker and its pool), by pid."""
+    parent = psutil.Process(pid)
+    return {proc.pid: int(proc.memory_full_info().pss) for proc in [parent, *parent.children(recursive=True)]}

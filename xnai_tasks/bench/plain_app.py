@@ -8,6 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 import celeryconfig
+from xnai_tasks import acl
 from xnai_tasks.settings import Settings
 
 QUEUE = "bench_plain"
@@ -15,11 +16,12 @@ QUEUE = "bench_plain"
 
 def _config() -> dict[str, Any]:
     settings = Settings.from_env()
+    url = acl.connection_url(settings, acl.ADMIN)
     return {
         **celeryconfig.SERIALIZATION,
         **celeryconfig.RELIABILITY,
-        "broker_url": settings.broker_url,
-        "result_backend": settings.broker_url,
+        "broker_url": url,
+        "result_backend": url,
         "broker_transport_options": celeryconfig.transport_options(settings),
         "task_queues": [Queue(QUEUE)],
         "task_default_queue": QUEUE,

@@ -1,12 +1,16 @@
 """``xnai bench roundtrip``: no-op tasks through our app vs a plain Celery app, side by side in one run.
 
-Both workers run at the same time on the same Redis with the same settings (prefork, same concurrency,
-acks late, prefetch 1). Rounds alternate between the apps; the median of each is reported.
+Three apps, three workers running at the same time on the same Redis with the same settings (prefork,
+same concurrency, acks late, prefetch 1): ours (Ed25519-signed messages and results, the message gate),
+plain Celery with JSON, and Celery's ``auth`` serializer (RSA-2048). Rounds alternate between the apps;
+the median of each is reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,38 +39,9 @@ def measure(submit: Submit, tasks: int) -> tuple[float, float]:
 
 def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return its report."""
-    from xnai_tasks.bench import plain_app
-    from xnai_tasks.celery_app import create_app
-    from xnai_tasks.client import Client
-
     tasks, rounds, concurrency = int(args.tasks), int(args.rounds), int(args.concurrency)
     with private_stack_home(settings) as bench:
-        ours = Client(bench)
-        plain = plain_app.app
-        plain.conf.update(broker_url=bench.broker_url, result_backend=bench.broker_url)
-        ours_worker = ["-m", "xnai_tasks", "worker", "copilot", f"--concurrency={concurrency}"]
-        plain_worker = [
-            "-m", "celery", "-A", "xnai_tasks.bench.plain_app", "worker", f"--queues={plain_app.QUEUE}",
-            "--hostname=plain@%h", f"--concurrency={concurrency}", "--pool=prefork", "--loglevel=WARNING",
-            "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
-        control = create_app(bench, main="xnai_bench")
-        apps: dict[str, Submit] = {
-            "signed": lambda i: ours.submit("copilot", "echo", value=i)._result,
-            "plain": lambda i: plain.send_task("plain.noop", kwargs={"value": i}, queue=plain_app.QUEUE),
-        }
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
-        with (
-            worker_process(ours_worker, bench, control, "copilot"),
-            worker_process(plain_worker, bench, control, "plain"),
-        ):
-            for submit in apps.values():
-                measure(submit, WARMUP_TASKS)
-            for _ in range(rounds):
-                for name, submit in apps.items():
-                    runs[name].append(measure(submit, tasks))
-        ours.close()
-        control.close()
+        runs = _measure_apps(bench, tasks, rounds, concurrency)
     summary: dict[str, dict[str, Any]] = {
         name: {
             "enqueue_per_s": round(median([r[0] for r in values]), 1),
@@ -75,7 +50,10 @@ def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any
         }
         for name, values in runs.items()
     }
-    signed, base = summary["signed"], summary["plain"]
+
+    def ratio(app: str, base: str, what: str) -> float:
+        return round(float(summary[app][f"{what}_per_s"]) / float(summary[base][f"{what}_per_s"]), 3)
+
     return {
         "benchmark": "roundtrip",
         "tasks": tasks,
@@ -83,8 +61,62 @@ def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any
         "concurrency": concurrency,
         "apps": summary,
         "ratios": {
-            "signed_vs_plain_roundtrip": round(signed["roundtrip_per_s"] / base["roundtrip_per_s"], 3),
-            "signed_vs_plain_enqueue": round(signed["enqueue_per_s"] / base["enqueue_per_s"], 3),
+            "signed_vs_plain_roundtrip": ratio("signed", "plain", "roundtrip"),
+            "signed_vs_plain_enqueue": ratio("signed", "plain", "enqueue"),
+            "signed_vs_auth_roundtrip": ratio("signed", "auth", "roundtrip"),
+            "signed_vs_auth_enqueue": ratio("signed", "auth", "enqueue"),
         },
         "host": host_facts(),
     }
+
+
+def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) -> dict[str, list[tuple[float, float]]]:
+    """Start the three workers side by side and measure each app ``rounds`` times, alternating."""
+    from xnai_tasks import acl
+    from xnai_tasks.bench import auth_app, plain_app
+    from xnai_tasks.celery_app import create_app
+    from xnai_tasks.client import Client
+
+    auth_dir = bench.home / "auth"
+    auth_app.make_certificate(auth_dir)
+    auth_env = {auth_app.AUTH_DIR_VARIABLE: str(auth_dir)}
+    os.environ.update(auth_env)  # the auth app reads its certificate folder when first configured
+    ours = Client(bench)
+    plain, auth = plain_app.app, auth_app.app
+    admin = acl.connection_url(bench, acl.ADMIN)
+    for baseline in (plain, auth):
+        baseline.conf.update(broker_url=admin, result_backend=admin)
+    common = [
+        "--pool=prefork",
+        f"--concurrency={concurrency}",
+        "--loglevel=WARNING",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+    def celery_worker(module: str, queue: str, node: str) -> list[str]:
+        return ["-m", "celery", "-A", module, "worker", f"-Q{queue}", f"-n{node}@%h", *common]
+
+    control = create_app(bench, main="xnai_bench")
+    workers = [  # (command, node name, the app that can ping it: the auth worker only accepts `auth` messages)
+        (["-m", "xnai_tasks", "worker", "copilot", f"--concurrency={concurrency}"], "copilot", control),
+        (celery_worker("xnai_tasks.bench.plain_app", plain_app.QUEUE, "plain"), "plain", plain),
+        (celery_worker("xnai_tasks.bench.auth_app", auth_app.QUEUE, "auth"), "auth", auth),
+    ]
+    apps: dict[str, Submit] = {
+        "signed": lambda i: ours.submit("copilot", "echo", value=i)._result,
+        "plain": lambda i: plain.send_task("plain.noop", kwargs={"value": i}, queue=plain_app.QUEUE),
+        "auth": lambda i: auth.send_task("auth.noop", kwargs={"value": i}, queue=auth_app.QUEUE),
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
+    with contextlib.ExitStack() as stack:
+        for argv, node, pinger in workers:
+            stack.enter_context(worker_process(argv, bench, pinger, node, auth_env))
+        for submit in apps.values():
+            measure(submit, WARMUP_TASKS)
+        for _ in range(rounds):
+            for name, submit in apps.items():
+                runs[name].append(measure(submit, tasks))
+    ours.close()
+    control.close()
+    return runs

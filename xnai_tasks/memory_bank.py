@@ -1,0 +1,138 @@
+"""The memory bank: chunks of indexed documents and their embeddings, kept in Redis.
+
+Every key is under ``xnai:bank:`` (:mod:`xnai_tasks.constants`): a meta hash (which encoder made the
+vectors), a set of chunk keys, one hash per document and one per chunk. Vectors are little-endian
+float32 bytes (no pickle); they are L2-normalised, so a dot product is the cosine similarity.
+
+All Redis access of the role tasks goes through :func:`connection`: the credentials a role uses can be
+changed in that one place. A search scans every chunk vector (fine for thousands of chunks, not millions).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from xnai_tasks import broker
+from xnai_tasks import constants as c
+from xnai_tasks.errors import ModelError
+
+_conn: dict[str, Any] = {"pid": None, "conn": None}
+REDIS_TIMEOUT_S = 10.0
+
+
+def connection() -> redis.Redis:
+    """This process's Redis connection for the role tasks (made once per process, again after a fork)."""
+    if _conn["pid"] != os.getpid() or _conn["conn"] is None:
+        from xnai_tasks import runtime
+        from xnai_tasks.celery_app import app
+
+        # In a role worker the app's broker URL carries that role's ACL credentials (xnai_tasks.acl).
+        url = app.conf.broker_url or runtime.settings().broker_url
+        _conn["conn"] = broker.connect(url, timeout=REDIS_TIMEOUT_S)
+        _conn["pid"] = os.getpid()
+    conn: redis.Redis = _conn["conn"]
+    return conn
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the chunk, where it comes from, and its cosine similarity to the query."""
+
+    doc_id: str
+    index: int
+    text: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.doc_id, "chunk_index": self.index, "chunk": self.text, "score": round(self.score, 4)}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def to_bytes(vector: Sequence[float]) -> bytes:
+    import numpy as np
+
+    return bytes(np.asarray(vector, dtype="<f4").tobytes())
+
+
+class MemoryBank:
+    """Store and search chunk embeddings of one encoder model."""
+
+    def __init__(self, conn: redis.Redis | None = None) -> None:
+        self.conn = connection() if conn is None else conn
+
+    def check_model(self, model: str, dim: int) -> None:
+        """Refuse to mix vectors of different encoders in one bank."""
+        meta = self.conn.hgetall(c.bank_meta_key())
+        if not meta:
+            return
+        held, held_dim = _text(meta.get(b"model", b"?")), int(meta.get(b"dim", b"0"))
+        if (held, held_dim) != (model, dim) and self.conn.scard(c.bank_chunks_key()) > 0:
+            raise ModelError(
+                f"the memory bank holds {held_dim}-d vectors of {held}, this encoder is {model} ({dim}-d): "
+                f"search with the same encoder, or delete the {c.BANK_PREFIX}* keys to re-index"
+            )
+
+    def put(
+        self, doc_id: str, chars: int, chunks: Sequence[str], vectors: Sequence[Sequence[float]], model: str
+    ) -> None:
+        """Replace the document ``doc_id`` by these chunks and vectors, in one transaction."""
+        dim = len(vectors[0]) if vectors else 0
+        self.check_model(model, dim)
+        old = int(self.conn.hget(c.bank_doc_key(doc_id), "chunks") or 0)
+        pipe = self.conn.pipeline(transaction=True)
+        stale = [c.bank_chunk_key(doc_id, i) for i in range(len(chunks), old)]
+        if stale:
+            pipe.delete(*stale)
+            pipe.srem(c.bank_chunks_key(), *stale)
+        pipe.hset(c.bank_meta_key(), mapping={"model": model, "dim": dim})
+        for i, (chunk, vector) in enumerate(zip(chunks, vectors, strict=True)):
+            key = c.bank_chunk_key(doc_id, i)
+            pipe.hset(key, mapping={"doc_id": doc_id, "index": i, "text": chunk, "vector": to_bytes(vector)})
+            pipe.sadd(c.bank_chunks_key(), key)
+        pipe.hset(
+            c.bank_doc_key(doc_id),
+            mapping={"chunks": len(chunks), "chars": chars, "model": model, "indexed_at": time.time()},
+        )
+        pipe.execute()
+
+    def search(self, vector: Sequence[float], k: int, model: str) -> tuple[list[Hit], int]:
+        """The ``k`` chunks most similar to ``vector``, best first, and how many chunks were scanned."""
+        import numpy as np
+
+        query = np.asarray(vector, dtype="<f4")
+        self.check_model(model, int(query.shape[0]))
+        keys = sorted(self.conn.smembers(c.bank_chunks_key()))
+        if not keys:
+            return [], 0
+        pipe = self.conn.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "vector")
+        raw = pipe.execute()
+        present = [(key, blob) for key, blob in zip(keys, raw, strict=True) if blob and len(blob) == query.nbytes]
+        if not present:
+            return [], 0
+        matrix = np.frombuffer(b"".join(blob for _, blob in present), dtype="<f4").reshape(len(present), -1)
+        scores = matrix @ query
+        best = np.argsort(-scores, kind="stable")[:k]
+        pipe = self.conn.pipeline(transaction=False)
+        for i in best:
+            pipe.hmget(present[int(i)][0], "doc_id", "index", "text")
+        hits = [
+            Hit(_text(doc_id), int(index), _text(text), float(scores[int(i)]))
+            for i, (doc_id, index, text) in zip(best, pipe.execute(), strict=True)
+            if doc_id is not None
+        ]
+        return hits, len(present)
+
+    def chunk_count(self) -> int:
+        """How many chunks the bank holds."""
+        return int(self.conn.scard(c.bank_chunks_key()))

@@ -1,0 +1,235 @@
+"""Worker start-up: apply the role's plan (CPU set, concurrency, threads) and make its models ready.
+
+Connected to Celery's signals when the app is imported, so ``xnai worker grok`` and plain
+``celery -A xnai_tasks worker -Q grok`` behave the same:
+
+* ``celeryd_init``: remember whether the command line named a concurrency.
+* ``worker_init`` (the worker parent, before the pool forks): compute the plan for the role
+  (:func:`xnai_tasks.plan.plan_for`), pin every thread of the process to the role's CPUs (the pool
+  children inherit the mask), set the concurrency when none was given, resolve and verify the models
+  (a missing, truncated or wrong-checksum model is one error line and exit code 1, never a crash in a
+  task), then preload them (no inference here: llama.cpp's OpenMP pool would hang the children) and
+  ``gc.freeze()``, or leave them to be loaded lazily in the children.
+* ``celeryd_after_setup``: ``gc.freeze()`` once more, right before the pool forks.
+* ``worker_process_init`` (each pool child): llama.cpp and torch threads from the plan.
+
+Tasks reach their models through :func:`registry`; ``health`` reports :func:`describe`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from celery import signals
+
+from xnai_tasks.errors import XnaiError
+from xnai_tasks.models import LLM, Generation, ModelHolder, ModelRegistry, set_encoder_threads, set_llm_threads
+from xnai_tasks.plan import RolePlan, for_concurrency, plan_for
+from xnai_tasks.settings import Settings
+from xnai_tasks.textwork import Timer
+from xnai_tasks.worker_role import current_role
+
+log = logging.getLogger(__name__)
+
+_MiB = 1024 * 1024
+T = TypeVar("T")
+
+
+class _State:
+    """What this process knows about its role: settings, the plan as applied, the model registries."""
+
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
+        self.explicit_concurrency: Any = None
+        self.role: str | None = None
+        self.role_plan: RolePlan | None = None
+        self.registries: dict[str, ModelRegistry] = {}
+
+
+_state = _State()
+
+
+def settings() -> Settings:
+    """The settings of this process, read from the environment once."""
+    if _state.settings is None:
+        _state.settings = Settings.from_env()
+    return _state.settings
+
+
+def role_plan() -> RolePlan | None:
+    """The plan this worker applied (None outside a role worker)."""
+    return _state.role_plan
+
+
+def registry(role: str) -> ModelRegistry:
+    """The models of ``role`` in this process.
+
+    A role worker made its registry at start. A process serving several roles' queues (a worker
+    started without ``-Q``) or a tool builds one here on first use, in lazy mode: it runs after the fork.
+    """
+    found = _state.registries.get(role)
+    if found is None:
+        current = settings()
+        plan = plan_for(current).roles[role]
+        if plan.model_mode == "preload":
+            plan = replace(plan, model_mode="lazy")
+        found = _make_registry(role, current, plan)
+        _state.registries[role] = found
+    return found
+
+
+def describe(role: str) -> list[dict[str, Any]]:
+    """What the ``health`` task reports: each model's name, kind, mode, loaded or not, sizes, threads."""
+    found = _state.registries.get(role)
+    if found is None:
+        return []
+    plan = _state.role_plan if _state.role == role else None
+    threads = plan.threads_per_process if plan is not None else None
+    return [{**entry, "threads": threads} for entry in found.describe()]
+
+
+@contextmanager
+def using(holder: ModelHolder[T], timer: Timer) -> Iterator[T]:
+    """The holder's model for the block; a load this causes is timed as the ``load`` phase."""
+    if not holder.loaded:
+        with timer.phase("load"):
+            holder.load()
+    with holder.use() as value:
+        yield value
+
+
+def generation_report(holder: ModelHolder[LLM], out: Generation, timer: Timer) -> dict[str, Any]:
+    """The fields every LLM task returns: model, prompt format, token counts, finish reason, timings."""
+    timings = timer.as_dict()
+    generate_s = timings.get("generate_s", 0.0)
+    return {
+        "model": holder.model.name,
+        "pid": os.getpid(),
+        "prompt_format": str(holder.model.params.get("prompt_format", "chat")),
+        "prompt_tokens": out["prompt_tokens"],
+        "completion_tokens": out["completion_tokens"],
+        "finish_reason": out["finish_reason"],
+        "timings": timings | {"tokens_per_s": round(out["completion_tokens"] / max(generate_s, 1e-9), 1)},
+    }
+
+
+def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegistry]:
+    """Apply the plan and make the models ready in this (parent) process; return the plan as applied."""
+    current = settings()
+    applied = for_concurrency(plan_for(current).roles[role], concurrency, current.threads)
+    pin_cpus(applied.cpus)
+    if applied.threads > len(applied.cpus):
+        log.warning(
+            "%s: %d processes x %d threads oversubscribe its %d CPUs (XNAI_THREADS / --concurrency)",
+            role,
+            applied.processes,
+            applied.threads_per_process,
+            len(applied.cpus),
+        )
+    found = _make_registry(role, current, applied)
+    _state.role, _state.role_plan = role, applied
+    _state.registries[role] = found
+    if applied.model_mode == "preload":
+        found.preload()  # loads, then gc.freeze(); no inference in this process
+    log.info(
+        "%s: %d processes x %d threads on CPUs %s, models %s (%s)",
+        role,
+        applied.processes,
+        applied.threads_per_process,
+        applied.cpus,
+        ", ".join(f"{h.model.name}" for h in found.holders()) or "none",
+        applied.model_mode,
+        extra={"event": "role_started", "role": role},
+    )
+    return applied, found
+
+
+def pin_cpus(cpus: list[int]) -> None:
+    """Pin every thread of this process to ``cpus``; threads and processes started later inherit it."""
+    try:
+        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError as exc:  # a thread that just ended, or a CPU this process may not use
+            if tid in (0, os.getpid()):
+                raise XnaiError(f"cannot pin this worker to CPUs {cpus}: {exc.strerror}") from None
+
+
+def _make_registry(role: str, current: Settings, plan: RolePlan) -> ModelRegistry:
+    cap = current.model_ram_mb * _MiB if current.model_ram_mb is not None else None
+    return ModelRegistry.for_role(role, current, plan, keep_alive=current.keep_alive, ram_cap_bytes=cap)
+
+
+def _given_concurrency(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) > 0:
+        return int(value)
+    return None
+
+
+def _fatal(role: str, exc: BaseException) -> None:
+    """One clear line on stderr and in the log, then the worker exits before it forks."""
+    line = f"xnai worker {role}: cannot start: {exc}"
+    log.error(line, extra={"event": "worker_start_failed", "role": role})
+    handlers = logging.getLogger().handlers
+    # With no handler at all, logging's last resort already wrote the line to stderr.
+    if handlers and not any(getattr(h, "stream", None) is sys.stderr for h in handlers):
+        print(line, file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
+# ---------------------------------------------------------------- signal handlers
+
+
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
+def _remember_options(sender: str | None = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    _state.explicit_concurrency = (options or {}).get("concurrency")
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    role = current_role()
+    if role is None:
+        return
+    given = _given_concurrency(_state.explicit_concurrency)
+    if given is None and sender is not None:
+        given = _given_concurrency(sender.app.conf.worker_concurrency)
+    try:
+        applied = start_role(role, given)[0]
+    except XnaiError as exc:
+        _fatal(role, exc)
+        return
+    if sender is not None and given is None and _state.explicit_concurrency != "auto":
+        sender.concurrency = applied.processes
+
+
+@signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _freeze_before_fork(**_: Any) -> None:
+    if _state.role_plan is not None and _state.role_plan.model_mode == "preload":
+        gc.collect()
+        gc.freeze()
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _on_child_start(**_: Any) -> None:
+    plan, role = _state.role_plan, _state.role
+    if plan is None or role is None:
+        return
+    threads = plan.threads_per_process
+    found = _state.registries.get(role)
+    for holder in found.holders() if found is not None else []:
+        if holder.loaded and holder.model.kind == "gguf":
+            set_llm_threads(holder.get(), threads)
+    if "torch" in sys.modules:
+        set_encoder_threads(threads)

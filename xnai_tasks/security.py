@@ -1,0 +1,146 @@
+"""Where signing meets Celery: outgoing messages, stored results, and the replay ledger.
+
+One agent identity per process: the copilot's key in a client, the role's key in a role worker (set
+in the parent before the pool forks, so retries and subtasks sent from tasks are signed by the worker
+that sent them). The verification side lives in :mod:`xnai_tasks.gate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import signals
+from celery.backends.redis import RedisBackend
+
+from xnai_tasks import constants as c
+from xnai_tasks.keys import SignerSource
+from xnai_tasks.signing import SIG_HEADER, sign_message, sign_result
+
+log = logging.getLogger(__name__)
+
+_state: dict[str, Any] = {"source": None, "ledger": None}
+
+#: Values of a nonce's ledger entry: admitted and not finished, or finished.
+NONCE_SEEN = b"seen"
+NONCE_DONE = b"done"
+
+
+#: A signer for the current context (a Client's submit), over the process default.
+_context_source: ContextVar[SignerSource | None] = ContextVar("xnai_signer", default=None)
+
+
+def load_agent(home: Path, agent: str) -> SignerSource:
+    """The signing key source of ``agent`` under ``home``; the key is loaded now, so a bad one fails early."""
+    source = SignerSource(home, agent)
+    source.get()
+    return source
+
+
+def use_agent(home: Path, agent: str, *, default_only: bool = False) -> SignerSource:
+    """Sign what this process sends (messages and results) as ``agent`` unless a context says otherwise.
+
+    With ``default_only`` an existing process default is kept (a client does not take over a worker's key).
+    """
+    if default_only and _state["source"] is not None:
+        return _state["source"]  # type: ignore[no-any-return]
+    source = load_agent(home, agent)
+    _state["source"] = source
+    return source
+
+
+@contextmanager
+def signing_as(source: SignerSource) -> Iterator[None]:
+    """Within the block, messages published by this thread are signed by ``source``."""
+    token = _context_source.set(source)
+    try:
+        yield
+    finally:
+        _context_source.reset(token)
+
+
+def _current_source() -> SignerSource | None:
+    return _context_source.get() or _state["source"]
+
+
+@signals.before_task_publish.connect  # type: ignore[untyped-decorator]
+def _sign_outgoing(
+    body: Any = None, headers: dict[str, Any] | None = None, routing_key: str | None = None, **_: Any
+) -> None:
+    """Add the signature header to every task message this process publishes (retries re-sign)."""
+    source = _current_source()
+    if source is None or headers is None:
+        return  # unsigned: every worker refuses it
+    headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key or "")
+
+
+class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
+    """Celery's Redis result backend, but every stored task result carries the producing worker's signature."""
+
+    def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
+        source = _state["source"]
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        if source is not None and name.startswith(c.RESULT_KEY_PREFIX):
+            meta = json.loads(value)
+            meta[SIG_HEADER] = sign_result(
+                source.get(),
+                task_id=str(meta.get("task_id")),
+                status=str(meta.get("status")),
+                result=meta.get("result"),
+            )
+            value = json.dumps(meta)
+        return super()._set_with_state(key, value, state)
+
+
+def result_backend_url(broker_url: str) -> str:
+    """The ``result_backend`` setting that selects :class:`SignedRedisBackend` for a Redis URL."""
+    scheme, sep, rest = broker_url.partition("://")
+    transport = scheme.split("+", 1)[1] if scheme.startswith("redis+") else scheme
+    return f"{__name__}:SignedRedisBackend+{transport}{sep}{rest}"
+
+
+# ---- replay ledger ----
+
+
+def claim_nonce(conn: redis.Redis, nonce: str, ttl_s: int, *, redelivered: bool) -> str | None:
+    """Record a nonce as admitted. Returns None when the message may run, else why it is a replay.
+
+    A nonce is ``seen`` from admission until its task finishes, then ``done``, for the maximum message
+    age. A copy of a finished message is a replay; so is a second copy of one still in flight, unless the
+    broker marked it redelivered (kombu does when a lost worker's message is restored or requeued).
+    """
+    key = c.nonce_key(nonce)
+    if conn.set(key, NONCE_SEEN, nx=True, ex=ttl_s):
+        return None
+    state = conn.get(key)
+    if state == NONCE_SEEN and redelivered:
+        return None
+    return "nonce already used by a finished task" if state == NONCE_DONE else "nonce already in flight"
+
+
+def finish_nonce(conn: redis.Redis, nonce: str) -> None:
+    """Mark a nonce's task finished (whatever its outcome), keeping its time to live."""
+    conn.set(c.nonce_key(nonce), NONCE_DONE, xx=True, keepttl=True)
+
+
+@signals.task_postrun.connect  # type: ignore[untyped-decorator]
+def _finish_task(sender: Any = None, **_: Any) -> None:
+    """After a task ran (in the pool child), its nonce becomes ``done``: any later copy is a replay."""
+    signature = getattr(getattr(sender, "request", None), SIG_HEADER, None)
+    if not isinstance(signature, dict) or not isinstance(signature.get("nonce"), str):
+        return
+    ledger = _state["ledger"]
+    if ledger is None:
+        from xnai_tasks import broker
+
+        ledger = _state["ledger"] = broker.connect(sender.app.conf.broker_url, timeout=5.0)
+    try:
+        finish_nonce(ledger, signature["nonce"])
+    except redis.RedisError as exc:
+        log.warning("could not mark nonce done for %s: %s", sender.request.id, exc)

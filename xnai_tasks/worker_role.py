@@ -1,0 +1,63 @@
+"""Which role this worker process serves, decided once when the Celery worker starts.
+
+``xnai worker grok`` and plain ``celery -A xnai_tasks worker -Q grok`` both end here: Celery's
+``celeryd_init`` signal carries the node name and the ``-Q`` option before anything connects, so the
+role's key, credentials and models can be chosen from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+from xnai_tasks import constants as c
+
+_state: dict[str, str | None] = {"role": None}
+
+
+def role_from_options(hostname: str | None, queues: Any) -> str | None:
+    """The role named by ``-Q`` (exactly one role queue), else by the node name ``ROLE@host``."""
+    if isinstance(queues, str):
+        names = [q.strip() for q in queues.split(",") if q.strip()]
+    elif isinstance(queues, list | tuple):
+        names = [str(q) for q in queues]
+    else:
+        names = []
+    roles = [name for name in names if name in c.ROLES]
+    if len(roles) == 1:
+        return roles[0]
+    prefix = (hostname or "").split("@", 1)[0]
+    return prefix if prefix in c.ROLES else None
+
+
+def current_role() -> str | None:
+    """The role of this worker process (inherited by pool children), or None outside a role worker."""
+    return _state["role"]
+
+
+def set_role(role: str | None) -> None:
+    """Set the role (done by the celeryd_init handler; tests and tools may set it directly)."""
+    if role is not None and role not in c.ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    _state["role"] = role
+
+
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
+def _decide_role(sender: str | None = None, conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    """Pick the role; from now on connect as its Redis ACL user and sign as its agent.
+
+    This runs in the worker's parent before anything connects or forks, so pool children inherit both.
+    """
+    from xnai_tasks import acl
+    from xnai_tasks.security import use_agent
+    from xnai_tasks.settings import Settings
+
+    role = role_from_options(sender, (options or {}).get("queues"))
+    set_role(role)
+    if role is None:
+        return
+    settings = Settings.from_env()
+    if conf is not None:
+        acl.apply_role(conf, settings, role)
+    use_agent(settings.home, role)
