@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
 
-import celeryconfig
-from xnai_tasks import acl
-from xnai_tasks.settings import Settings
+from xnai_tasks.bench.plain_app import baseline_config
 
 QUEUE = "bench_auth"
 AUTH_DIR_VARIABLE = "XNAI_BENCH_AUTH_DIR"
@@ -51,25 +48,15 @@ def make_certificate(folder: Path) -> None:
 
 
 def _config() -> dict[str, Any]:
-    settings = Settings.from_env()
-    url = acl.connection_url(settings, acl.ADMIN)
     folder = Path(os.environ[AUTH_DIR_VARIABLE])
     return {
-        **celeryconfig.RELIABILITY,
+        **baseline_config(QUEUE),
         "task_serializer": "auth",
         "accept_content": ["auth"],
-        "result_serializer": "json",
-        "result_accept_content": ["json"],
-        "event_serializer": "json",
         "security_key": str(folder / "key.pem"),
         "security_certificate": str(folder / "certs" / "cert.pem"),
         "security_cert_store": str(folder / "certs" / "*.pem"),
         "security_digest": "sha256",
-        "broker_url": url,
-        "result_backend": url,
-        "broker_transport_options": celeryconfig.transport_options(settings),
-        "task_queues": [Queue(QUEUE)],
-        "task_default_queue": QUEUE,
     }
 
 

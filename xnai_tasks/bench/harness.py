@@ -22,6 +22,7 @@ from celery import Celery
 
 from xnai_tasks.errors import ProcessError
 from xnai_tasks.keys import init_keys
+from xnai_tasks.proc import die_with_parent
 from xnai_tasks.redis_server import EmbeddedRedis
 from xnai_tasks.settings import Settings
 
@@ -51,32 +52,13 @@ def child_env(settings: Settings) -> dict[str, str]:
 def worker_process(
     argv: Sequence[str], settings: Settings, app: Celery, node_prefix: str, extra_env: dict[str, str] | None = None
 ) -> Iterator[None]:
-    """Run a worker subprocess until the block ends; wait until a node named ``node_prefix@...`` answers."""
-    log_path = settings.home / f"{node_prefix}.log"
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(  # our own interpreter
-            [sys.executable, *argv],
-            env=child_env(settings) | {"XNAI_LOG_LEVEL": "WARNING"} | (extra_env or {}),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
-        )
+    """Run ``python ARGV`` as a worker until the block ends, once a node named ``node_prefix@...`` answers."""
+    proc = start_worker(settings, node_prefix, env=extra_env, argv=[sys.executable, *argv])
     try:
-        deadline = time.monotonic() + 120
-        while not any(node.startswith(f"{node_prefix}@") for reply in app.control.ping(timeout=0.5) for node in reply):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise ProcessError(f"benchmark worker {node_prefix} did not come up")
+        wait_online(proc, app, node_prefix, timeout=120)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)
+        stop_worker(proc)
 
 
 def median(values: Sequence[float]) -> float:
@@ -137,6 +119,7 @@ def start_worker(
             stdout=log_file,
             stderr=log_file,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
 
 

@@ -14,7 +14,8 @@ from xnai_tasks.settings import Settings
 QUEUE = "bench_plain"
 
 
-def _config() -> dict[str, Any]:
+def baseline_config(queue: str) -> dict[str, Any]:
+    """What every baseline app shares with ours: Redis, reliability settings, one queue; JSON."""
     settings = Settings.from_env()
     url = acl.connection_url(settings, acl.ADMIN)
     return {
@@ -23,9 +24,13 @@ def _config() -> dict[str, Any]:
         "broker_url": url,
         "result_backend": url,
         "broker_transport_options": celeryconfig.transport_options(settings),
-        "task_queues": [Queue(QUEUE)],
-        "task_default_queue": QUEUE,
+        "task_queues": [Queue(queue)],
+        "task_default_queue": queue,
     }
+
+
+def _config() -> dict[str, Any]:
+    return baseline_config(QUEUE)
 
 
 app = Celery("plain", set_as_current=False)
