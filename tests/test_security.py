@@ -191,6 +191,8 @@ def test_replayed_message_is_refused_and_runs_once(
         control_app, task="cline.echo", queue="cline", signer=copilot, kwargs={"value": "once"}
     )
     assert AsyncResult(task_id, app=control_app).get(timeout=30) == "once"
+    # (its nonce is marked done together with its result)
+    assert conn.get(c.nonce_key(headers[SIG_HEADER]["nonce"])) == b"done"
     before = refused_count(conn, "cline", "replay")
     # When the captured message is sent again, as is
     resend(control_app, "cline", headers, body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import signals
+from celery import current_task, signals, states
 from celery.backends.redis import RedisBackend
 
 from xnai_tasks import constants as c
@@ -81,21 +82,60 @@ def _sign_outgoing(
 
 
 class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
-    """Celery's Redis result backend, but every stored task result carries the producing worker's signature."""
+    """Celery's Redis result backend, but every stored task result carries the producing worker's signature.
+
+    When a task's final state is stored, the same pipeline also marks its nonce done (see
+    :func:`finish_nonce`), saving the replay ledger a round trip per task.
+    """
 
     def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
         source = _state["source"]
         name = key.decode() if isinstance(key, bytes) else str(key)
-        if source is not None and name.startswith(c.RESULT_KEY_PREFIX):
-            meta = json.loads(value)
-            meta[SIG_HEADER] = sign_result(
-                source.get(),
-                task_id=str(meta.get("task_id")),
-                status=str(meta.get("status")),
-                result=meta.get("result"),
-            )
-            value = json.dumps(meta)
-        return super()._set_with_state(key, value, state)
+        if source is None or not name.startswith(c.RESULT_KEY_PREFIX):
+            return super()._set_with_state(key, value, state)
+        meta = json.loads(value)
+        meta[SIG_HEADER] = sign_result(
+            source.get(), task_id=str(meta.get("task_id")), status=str(meta.get("status")), result=meta.get("result")
+        )
+        _finishing.nonce = _running_nonce(str(meta.get("task_id"))) if state in states.READY_STATES else None
+        try:
+            return super()._set_with_state(key, json.dumps(meta), state)
+        finally:
+            _finishing.nonce = None
+
+    def _set(self, key: Any, value: Any, expires: int | None = None) -> None:
+        """Store and publish the result, and mark the task's nonce done, in one pipeline."""
+        expires = self.expires if expires is None else expires
+        with self.client.pipeline() as pipe:
+            if expires:
+                pipe.setex(key, expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            nonce = _finishing.nonce
+            if nonce is not None:
+                pipe.set(c.nonce_key(nonce), NONCE_DONE, xx=True, keepttl=True)
+            pipe.execute()
+        if nonce is not None:
+            _finished_nonces.add(nonce)
+
+
+#: The nonce whose task's final result is being stored by this thread, if any.
+_finishing = threading.local()
+_finishing.nonce = None
+#: Nonces already marked done together with their result (so task_postrun need not do it again).
+_finished_nonces: set[str] = set()
+
+
+def _running_nonce(task_id: str) -> str | None:
+    """The nonce of the task this process is running, if ``task_id`` is that task."""
+    task = current_task
+    request = getattr(task, "request", None)
+    signature = getattr(request, SIG_HEADER, None)
+    if getattr(request, "id", None) != task_id or not isinstance(signature, dict):
+        return None
+    nonce = signature.get("nonce")
+    return nonce if isinstance(nonce, str) else None
 
 
 def result_backend_url(broker_url: str) -> str:
@@ -134,6 +174,9 @@ def _finish_task(sender: Any = None, **_: Any) -> None:
     """After a task ran (in the pool child), its nonce becomes ``done``: any later copy is a replay."""
     signature = getattr(getattr(sender, "request", None), SIG_HEADER, None)
     if not isinstance(signature, dict) or not isinstance(signature.get("nonce"), str):
+        return
+    if signature["nonce"] in _finished_nonces:  # done already, with the result
+        _finished_nonces.discard(signature["nonce"])
         return
     ledger = _state["ledger"]
     if ledger is None:
