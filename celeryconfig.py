@@ -17,7 +17,7 @@ from xnai_tasks import constants as c
 if TYPE_CHECKING:
     from xnai_tasks.settings import Settings
 
-#: JSON only, everywhere: task bodies, results, events. No pickle.
+#: JSON only, everywhere: task bodies, results, events. Never a Python-object serializer.
 SERIALIZATION: dict[str, Any] = {
     "task_serializer": "json",
     "result_serializer": "json",

@@ -278,7 +278,7 @@ def test_missing_paths_raise(tmp_path: Path, settings: Settings, encoder_file: M
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02")
-    with pytest.raises(ModelError, match=r"pytorch_model.bin is pickle, refused"):
+    with pytest.raises(ModelError, match=r"pytorch_model.bin is an unsafe object-serialized file, refused"):
         resolve_model("encoder", Settings(home=settings.home, encoder_model=pickled))
     manifest = write_manifest(tmp_path, "encoder", source={"path": str(tmp_path / "nowhere")})
     with pytest.raises(ModelError, match="is missing"):

@@ -2,7 +2,7 @@
 
 Every key is under ``xnai:bank:`` (:mod:`xnai_tasks.constants`): a meta hash (which encoder made the
 vectors), a set of chunk keys, one hash per document and one per chunk. Vectors are little-endian
-float32 bytes (no pickle); they are L2-normalised, so a dot product is the cosine similarity.
+float32 bytes (never a Python-object serializer); they are L2-normalised, so a dot product is the cosine similarity.
 
 All Redis access of the role tasks goes through :func:`connection`: the credentials a role uses can be
 changed in that one place. A search scans every chunk vector (fine for thousands of chunks, not millions).

@@ -12,7 +12,7 @@
 Checksums: a GGUF's sha256 is that of the file. An encoder folder's is ``tree-v1``: the sha256 of the
 sorted lines ``<relative path>\\0<sha256 of the file>\\n`` over the files the manifest lists (weights,
 config, tokenizer), so any changed file changes it and each file is reported on its own.
-Weights in pickle form (``pytorch_model.bin``) are refused: only safetensors are loaded.
+Weights in PyTorch's object-serialized form (``pytorch_model.bin``) are refused: only safetensors are loaded.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def _encoder_override(folder: Path, entry: ManifestEntry) -> ModelFile:
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no config.json")
     if not any(folder.glob("*.safetensors")):
         pickled = [p.name for p in folder.glob("*.bin")]
-        hint = f" ({', '.join(pickled)} is pickle, refused)" if pickled else ""
+        hint = f" ({', '.join(pickled)} is an unsafe object-serialized file, refused)" if pickled else ""
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no .safetensors weights{hint}")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no tokenizer files")
@@ -854,27 +854,19 @@ def generate(
     max_tokens = max(1, min(max_tokens, room))
     start = time.monotonic()
     try:
+        options: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "repeat_penalty": repeat_penalty,
+            "stop": stop_words,
+            "seed": seed,
+        }
         if completion:
-            out: Any = llm.llama.create_completion(
-                prompt=text,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                repeat_penalty=repeat_penalty,
-                stop=stop_words,
-                seed=seed,
-            )
+            out: Any = llm.llama.create_completion(prompt=text, **options)
             choice_text = out["choices"][0]["text"]
         else:
-            out = llm.llama.create_chat_completion(
-                messages=[{"role": "user", "content": text}],
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                repeat_penalty=repeat_penalty,
-                stop=stop_words,
-                seed=seed,
-            )
+            out = llm.llama.create_chat_completion(messages=[{"role": "user", "content": text}], **options)
             choice_text = out["choices"][0]["message"]["content"] or ""
     except ValueError as exc:
         raise ModelError(f"generation failed: {exc}") from None
