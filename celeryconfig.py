@@ -78,6 +78,9 @@ def transport_options(settings: Settings, role: str | None = None) -> dict[str, 
         "interval_start": 0,
         "interval_step": 0.5,
         "interval_max": 1,
+        # Sweep for messages unacked past the visibility timeout every 10 s (kombu's default: ~100 s).
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
     }
     if role is not None and role != acl.ADMIN:
         options.update(acl.worker_transport_options(role))
@@ -119,4 +122,6 @@ def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
         "beat_schedule": {"check-services": {"task": "copilot.check_services", "schedule": 60.0}},
         "worker_hijack_root_logger": False,
         "worker_consumer": "xnai_tasks.gate:GatedConsumer",
+        # XNAI_TASK_MODULES: more ROLE.* task modules (e.g. the tests' own), imported as the role modules are.
+        "imports": list(settings.task_modules),
     }

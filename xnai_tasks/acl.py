@@ -81,7 +81,7 @@ CONSUME_COMMANDS: Final = ("brpop", "rpop", "lpush", "rpush", "llen", "del", "ex
 #: The unacked hash and index, the restore mutex (SET NX PX), result and nonce strings.
 DATA_COMMANDS: Final = (
     "get", "mget", "set", "setex", "incr", "incrby", "expire",
-    "hset", "hget", "hdel", "hincrby",
+    "hset", "hget", "hdel", "hincrby", "hgetall",
     "sadd", "srem", "smembers", "sismember",
     "zadd", "zrem", "zrange", "zrangebyscore", "zcount",
     "lrange", "ltrim",
@@ -218,6 +218,9 @@ def role_keys(role: str) -> tuple[str, ...]:
         f"{c.XNAI_KEY_PREFIX}nonce:*",
         c.refused_counter_key(role),
         c.dead_letter_key(role),
+        c.lost_key_pattern(role),
+        c.deaths_key(role),
+        c.model_verdicts_key(role),
     ]
     if role == "curation":
         keys.append(f"{BANK_KEY_PREFIX}*")

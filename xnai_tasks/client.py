@@ -17,6 +17,9 @@ from xnai_tasks import broker
 from xnai_tasks import constants as c
 from xnai_tasks.errors import (
     BrokerUnreachableError,
+    ModelUnavailableError,
+    OverBudgetError,
+    RefusedError,
     TaskFailedError,
     TaskTimeoutError,
     UnknownRoleError,
@@ -26,6 +29,10 @@ from xnai_tasks.keys import Keyring, SignerSource
 from xnai_tasks.security import load_agent, signing_as, use_agent
 from xnai_tasks.settings import Settings
 from xnai_tasks.signing import SIG_HEADER, verify_result
+
+#: Errors a task raises to refuse work (the model cannot run here, over the RAM budget): the caller is refused
+#: (CLI exit 3), not told that the task failed.
+REFUSALS = frozenset(cls.__name__ for cls in (RefusedError, ModelUnavailableError, OverBudgetError))
 
 
 class TaskHandle:
@@ -57,6 +64,8 @@ class TaskHandle:
             raise BrokerUnreachableError(f"lost the broker while waiting for {self.id}: {exc}") from None
         self._verify()
         if self._result.failed():
+            if type(value).__name__ in REFUSALS:
+                raise RefusedError(f"{self.role}.{self.task} {self.id} refused: {value}")
             raise TaskFailedError(f"{self.role}.{self.task} {self.id} failed: {_describe(value)}")
         return value
 
@@ -101,7 +110,7 @@ class Client:
         if self._catalogue is None:
             from xnai_tasks.tasks import role_tasks
 
-            self._catalogue = role_tasks()
+            self._catalogue = role_tasks(self.settings.task_modules)
         return self._catalogue
 
     def submit(self, role: str, task: str, **kwargs: Any) -> TaskHandle:
@@ -122,6 +131,11 @@ class Client:
         except (OperationalError, RedisError, OSError) as exc:
             raise BrokerUnreachableError(f"could not enqueue {role}.{task}: {exc}") from None
         return TaskHandle(result, role, task, keyring)
+
+    def handle(self, task_id: str, role: str, task: str) -> TaskHandle:
+        """A handle on a task submitted elsewhere (by id), to wait for its verified result."""
+        self._check(role, task)
+        return TaskHandle(self.app.AsyncResult(task_id), role, task, self._ready())
 
     @contextmanager
     def signing(self) -> Iterator[None]:

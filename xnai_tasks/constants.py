@@ -114,3 +114,32 @@ def bank_doc_key(doc_id: str) -> str:
 def bank_chunk_key(doc_id: str, index: int) -> str:
     """Hash of one chunk: document id, position, text, and its vector as little-endian float32 bytes."""
     return f"{BANK_PREFIX}chunk:{doc_id}:{index}"
+
+
+# ---- Worker deaths and model verdicts (issue: a task that kills its worker must not loop unseen) ----
+
+#: Recent worker-process deaths kept per role (newest first), for ``xnai status``.
+DEATHS_MAX: Final = 200
+
+
+def lost_key(role: str, task_id: str, retries: int) -> str:
+    """Hash counting one message's deliveries and the deaths of the processes that ran it.
+
+    Per role, so another role's credential cannot reset it; per ``retries`` because a retry is a new message.
+    """
+    return f"{XNAI_KEY_PREFIX}lost:{role}:{task_id}:{retries}"
+
+
+def lost_key_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`lost_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}lost:{role}:*"
+
+
+def deaths_key(role: str) -> str:
+    """List of the role's recent worker-process deaths (JSON: time, task, id, signal), newest first."""
+    return f"{XNAI_KEY_PREFIX}deaths:{role}"
+
+
+def model_verdicts_key(role: str) -> str:
+    """Hash of the role's model probe verdicts (model name -> JSON), written by its worker at start."""
+    return f"{XNAI_KEY_PREFIX}models:{role}"

@@ -95,3 +95,11 @@ class ModelError(XnaiError):
 
 class OverBudgetError(RefusedError):
     """Loading a model now would exceed the RAM available; refused rather than swapping or OOM."""
+
+
+class ModelUnavailableError(RefusedError):
+    """A model cannot run on this host (its probe crashed or hung with every set of options)."""
+
+
+class WorkerLostError(TaskFailedError):
+    """A task's worker process died running it ``XNAI_MAX_DELIVERIES`` times: it was failed and dead-lettered."""

@@ -7,7 +7,6 @@ raw form is kept in a bounded dead-letter list of the role (``xnai status`` show
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +17,8 @@ from celery.worker.consumer import Consumer
 from kombu.message import Message
 
 from xnai_tasks import broker
-from xnai_tasks import constants as c
+from xnai_tasks.dead_letters import dead_letter
+from xnai_tasks.deliveries import WORKER_LOST, DeliveryLedger
 from xnai_tasks.errors import MessageRejected
 from xnai_tasks.keys import Keyring
 from xnai_tasks.security import claim_nonce
@@ -26,9 +26,6 @@ from xnai_tasks.settings import Settings
 from xnai_tasks.signing import nonce_ttl_s, verify_message
 
 log = logging.getLogger(__name__)
-
-#: Raw bodies longer than this are cut in the dead-letter entry.
-DEAD_LETTER_BODY_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,12 +55,17 @@ class MessageGate:
     the future; the nonce was not used before (replay).
     """
 
-    def __init__(self, settings: Settings, queues: frozenset[str], keyring: Keyring, redis_url: str) -> None:
+    def __init__(
+        self, settings: Settings, queues: frozenset[str], keyring: Keyring, redis_url: str, backend: Any = None
+    ) -> None:
         self.settings = settings
         self.queues = queues
         self.keyring = keyring
         self.nonce_ttl_s = nonce_ttl_s(settings.max_message_age)
         self._redis = broker.connect(redis_url, timeout=5.0)
+        #: Where a message given up on (worker_lost) gets its signed FAILURE result.
+        self.backend = backend
+        self._ledgers: dict[str, DeliveryLedger] = {}
 
     def admit(self, message: Message) -> bool:
         """True when the message may run; otherwise it has been refused and rejected."""
@@ -99,8 +101,32 @@ class MessageGate:
         except MessageRejected as rejected:
             return Refusal(rejected.reason, rejected.detail)
         redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
+        if redelivered:
+            lost = self._over_delivered(role, headers)
+            if lost is not None:
+                return lost
         replay = claim_nonce(self._redis, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
         return None if replay is None else Refusal("replay", replay)
+
+    def _over_delivered(self, role: str, headers: dict[str, Any]) -> Refusal | None:
+        """A redelivered message past ``XNAI_MAX_DELIVERIES`` (its workers kept dying): refuse it as worker_lost."""
+        ledger = self._ledger(role)
+        task_id = str(headers.get("id"))
+        retries = headers.get("retries")
+        counted = ledger.count_redelivery(task_id, retries if isinstance(retries, int) else 0)
+        if counted.deliveries <= ledger.max_deliveries:
+            return None
+        line = ledger.exhausted_line(
+            str(headers["task"]), task_id, counted.deliveries - 1, counted.deaths, counted.cause
+        )
+        return Refusal(WORKER_LOST, line)
+
+    def _ledger(self, role: str) -> DeliveryLedger:
+        if role not in self._ledgers:
+            self._ledgers[role] = DeliveryLedger(
+                self._redis, role, max_deliveries=self.settings.max_deliveries, ttl_s=self.settings.max_message_age
+            )
+        return self._ledgers[role]
 
     def refuse(self, message: Message, refusal: Refusal) -> None:
         """Reject without requeue, log one WARNING line, count it, keep the raw message."""
@@ -114,22 +140,26 @@ class MessageGate:
             refusal.detail,
             extra={"event": "message_refused", "reason": refusal.reason, "task_id": task_id, "role": role},
         )
-        entry = json.dumps(
-            {
-                "ts": time.time(),
-                "reason": refusal.reason,
-                "detail": refusal.detail,
-                "id": task_id,
-                "headers": _jsonable(headers),
-                "delivery_info": _jsonable(message.delivery_info),
-                "body": _raw_body(message),
-            }
-        )
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hincrby(c.refused_counter_key(role), refusal.reason, 1)
-        pipe.lpush(c.dead_letter_key(role), entry)
-        pipe.ltrim(c.dead_letter_key(role), 0, c.DEAD_LETTER_MAX - 1)
-        pipe.execute()
+        if refusal.reason == WORKER_LOST and self.backend is not None:
+            self._ledger(role).finalize(
+                self.backend,
+                line=refusal.detail,
+                task_id=task_id,
+                headers=headers,
+                delivery_info=dict(message.delivery_info),
+                body=message.body,
+            )
+        else:
+            dead_letter(
+                self._redis,
+                role,
+                reason=refusal.reason,
+                detail=refusal.detail,
+                task_id=task_id,
+                headers=headers,
+                delivery_info=dict(message.delivery_info),
+                body=message.body,
+            )
         message.reject(requeue=False)
 
 
@@ -140,7 +170,11 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
         handle = super().create_task_handler(*args, **kwargs)
         settings = Settings.from_env()
         gate = MessageGate(
-            settings, consumed_queues(self.app), Keyring.load(settings.home), str(self.app.conf.broker_url)
+            settings,
+            consumed_queues(self.app),
+            Keyring.load(settings.home),
+            str(self.app.conf.broker_url),
+            backend=self.app.backend,
         )
 
         def on_task_received(message: Message) -> Any:
@@ -163,16 +197,3 @@ def _role_of(headers: dict[str, Any], queues: frozenset[str]) -> str:
     if role in queues:
         return role
     return sorted(queues)[0] if len(queues) == 1 else "unknown"
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        return json.loads(json.dumps(value, default=str))
-    except (TypeError, ValueError):
-        return repr(value)[:1000]
-
-
-def _raw_body(message: Message) -> str:
-    body = message.body
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes | bytearray) else str(body)
-    return text[:DEAD_LETTER_BODY_MAX]

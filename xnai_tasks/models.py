@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TextIO, TypedDict, TypeVar, cast
 
-from xnai_tasks.errors import ModelError, OverBudgetError, UsageError
+from xnai_tasks.errors import ModelError, ModelUnavailableError, OverBudgetError, UsageError
 from xnai_tasks.plan import ModelMode, RolePlan, role_models
 from xnai_tasks.settings import Settings
 
@@ -452,6 +452,8 @@ class LLM:
     completion_template: str = "{prompt}"
     stop: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: llama.cpp model parameters the model was loaded with (empty: llama.cpp's defaults).
+    load_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -472,14 +474,20 @@ def load_llm(
     *,
     n_threads_batch: int | None = None,
     params: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> LLM:
-    """Load a GGUF with llama.cpp (mmap, no mlock). Do not run inference before a fork."""
+    """Load a GGUF with llama.cpp (mmap, no mlock). Do not run inference before a fork.
+
+    ``options`` are the llama.cpp model parameters the probe settled on (:mod:`xnai_tasks.llm_probe`),
+    e.g. ``{"use_extra_bufts": False}``: weight repacking off, the safe choice where it crashes.
+    """
     try:
         from llama_cpp import Llama
     except ImportError:
         raise ModelError("llama-cpp-python is not installed (pip install 'xnai-tasks[models]')") from None
     params = params or {}
-    with Progress(f"loading {path.name}", None):
+    load_ggml_backends()
+    with Progress(f"loading {path.name}", None), _model_params(dict(options or {})):
         try:
             llama = Llama(
                 model_path=str(path),
@@ -505,7 +513,74 @@ def load_llm(
         completion_template=str(params.get("completion_template", "{prompt}")),
         stop=tuple(params.get("stop", ())),
         defaults=params,
+        load_options=dict(options or {}),
     )
+
+
+#: llama.cpp model parameters a load may set (llama-cpp-python's ``Llama`` has no argument for them).
+LOAD_OPTION_FIELDS = ("use_extra_bufts",)
+_params_lock = threading.Lock()
+_backends: dict[str, bool] = {"loaded": False}
+
+
+@contextlib.contextmanager
+def _model_params(options: dict[str, Any]) -> Iterator[None]:
+    """Within the block, ``llama_model_default_params()`` returns params with ``options`` applied.
+
+    ``Llama.__init__`` builds its model parameters from that function and offers no argument for fields
+    such as ``use_extra_bufts``; swapping the function for the duration of one load is the narrowest hook.
+    """
+    unknown = sorted(set(options) - set(LOAD_OPTION_FIELDS))
+    if unknown:
+        raise ModelError(f"unknown llama.cpp load options {unknown} (known: {', '.join(LOAD_OPTION_FIELDS)})")
+    if not options:
+        yield
+        return
+    import llama_cpp.llama_cpp as bindings
+
+    original = bindings.llama_model_default_params
+
+    def with_options() -> Any:
+        model_params = original()
+        for name, value in options.items():
+            setattr(model_params, name, value)
+        return model_params
+
+    with _params_lock:
+        bindings.llama_model_default_params = with_options
+        try:
+            yield
+        finally:
+            bindings.llama_model_default_params = original
+
+
+def ggml_backend_libraries() -> list[Path]:
+    """The CPU backend variants of a portable llama.cpp build (``libggml-cpu-*.so``), if it is one."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return []
+    lib = Path(str(llama_cpp.__file__)).parent / "lib"
+    return sorted(lib.glob("libggml-cpu-*.so"))
+
+
+def load_ggml_backends() -> None:
+    """A portable build (``GGML_BACKEND_DL``) has no backend linked in: load the best CPU variant once.
+
+    ggml scores every ``libggml-cpu-*.so`` against this CPU's features and loads the best one; a
+    native build has its backend built in and needs nothing.
+    """
+    if _backends["loaded"]:
+        return
+    variants = ggml_backend_libraries()
+    if variants:
+        import ctypes
+
+        ggml = ctypes.CDLL(str(variants[0].parent / "libggml.so"))
+        if int(ggml.ggml_backend_reg_count()) == 0:
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(variants[0].parent).encode())
+    _backends["loaded"] = True
 
 
 def set_llm_threads(llm: LLM, n_threads: int) -> None:
@@ -583,6 +658,10 @@ class ModelHolder(Generic[T]):
         self._loads = 0
         self._last_used = time.monotonic()
         self._load_seconds = 0.0
+        #: llama.cpp load options the probe chose (LLM only), and why the model cannot run here, if it cannot.
+        self.load_options: dict[str, Any] = {}
+        self.probe: dict[str, Any] | None = None
+        self.unavailable: str | None = None
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -599,6 +678,17 @@ class ModelHolder(Generic[T]):
     def loaded(self) -> bool:
         return self._value is not None
 
+    def apply_probe(self, verdict: Mapping[str, Any]) -> None:
+        """Serve with the options a probe verdict chose, or mark the model unavailable with its reason."""
+        self.probe = {"status": verdict["status"], "reason": verdict["reason"], "cached": verdict.get("cached", False)}
+        options = verdict.get("options")
+        if options is None:
+            self.unavailable = str(verdict["reason"])
+            self.load_options = {}
+        else:
+            self.unavailable = None
+            self.load_options = dict(options)
+
     def load(self) -> T:
         """Load now if not loaded (checks the RAM budget first)."""
         self._check_pid()
@@ -606,6 +696,8 @@ class ModelHolder(Generic[T]):
             if self._value is None:
                 if self.mode == "none":
                     raise ModelError(f"model {self.model.name} is disabled for this role (mode none)")
+                if self.unavailable is not None:
+                    raise ModelUnavailableError(f"model {self.model.name} {self.unavailable}")
                 self._check_budget()
                 start = time.monotonic()
                 self._value = self._loader()
@@ -672,6 +764,9 @@ class ModelHolder(Generic[T]):
             "loads": self._loads,
             "load_seconds": round(self._load_seconds, 3),
             "idle_seconds": round(time.monotonic() - self._last_used, 1),
+            "load_options": dict(self.load_options),
+            "probe": self.probe,
+            "unavailable": self.unavailable,
         }
 
     def _check_budget(self) -> None:
@@ -753,13 +848,18 @@ class ModelRegistry:
         kinds = role_models(role)
         threads = plan.threads_per_process
         budget = RamBudget(ram_cap_bytes)
-        llm = encoder = None
+        llm: ModelHolder[LLM] | None = None
+        encoder: ModelHolder[Encoder] | None = None
+
+        def llm_options() -> dict[str, Any]:
+            return dict(llm.load_options) if llm is not None else {}
+
         if "gguf" in kinds:
             gguf = resolve_model("gguf", settings, manifest)
             n_ctx = int(gguf.params.get("n_ctx", 2048))
             llm = ModelHolder(
                 gguf,
-                lambda: load_llm(gguf.path, n_ctx, threads, params=gguf.params),
+                lambda: load_llm(gguf.path, n_ctx, threads, params=gguf.params, options=llm_options()),
                 plan.model_mode,
                 keep_alive=keep_alive,
                 budget=budget,
@@ -797,7 +897,7 @@ class ModelRegistry:
         No inference may run in this process afterwards if it is going to fork (llama.cpp/OpenMP hang).
         """
         for holder in self.holders():
-            if holder.mode == "preload":
+            if holder.mode == "preload" and holder.unavailable is None:
                 holder.load()
         gc.collect()
         gc.freeze()

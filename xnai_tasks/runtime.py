@@ -19,6 +19,7 @@ Tasks reach their models through :func:`registry`; ``health`` reports :func:`des
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
@@ -81,6 +82,7 @@ def registry(role: str) -> ModelRegistry:
         if plan.model_mode == "preload":
             plan = replace(plan, model_mode="lazy")
         found = _make_registry(role, current, plan)
+        probe_models(role, current, plan, found)
         _state.registries[role] = found
     return found
 
@@ -134,6 +136,7 @@ def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegis
             len(applied.cpus),
         )
     found = _make_registry(role, current, applied)
+    probe_models(role, current, applied, found)
     _state.role, _state.role_plan = role, applied
     _state.registries[role] = found
     if applied.model_mode == "preload":
@@ -149,6 +152,60 @@ def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegis
         extra={"event": "role_started", "role": role},
     )
     return applied, found
+
+
+def probe_models(role: str, current: Settings, plan: RolePlan, found: ModelRegistry) -> None:
+    """Probe each LLM the role serves in a separate process; serve with what works, or mark it unavailable."""
+    from xnai_tasks.llm_probe import probe_llm
+
+    for holder in found.holders():
+        if holder.model.kind != "gguf" or holder.mode == "none":
+            continue
+        verdict = probe_llm(current, holder.model, plan.threads_per_process)
+        holder.apply_probe(verdict.as_dict())
+        level = logging.INFO if verdict.usable else logging.ERROR
+        log.log(
+            level,
+            "%s: LLM %s %s%s",
+            role,
+            holder.model.name,
+            verdict.reason,
+            " (remembered)" if verdict.cached else "",
+            extra={"event": "llm_probe", "role": role, "status": verdict.status},
+        )
+
+
+def publish_verdicts(redis_url: str, role: str) -> None:
+    """Tell ``xnai status`` how this role's models fared in their probe (one hash per role in Redis)."""
+    from xnai_tasks import broker
+    from xnai_tasks import constants as c
+
+    found = _state.registries.get(role)
+    if found is None:
+        return
+    fields = {
+        holder.model.name: json.dumps(
+            {
+                "kind": holder.model.kind,
+                "probe": holder.probe,
+                "load_options": holder.load_options,
+                "unavailable": holder.unavailable,
+            }
+        )
+        for holder in found.holders()
+    }
+    if not fields:
+        return
+    conn = broker.connect(redis_url, timeout=3.0)
+    try:
+        pipe = conn.pipeline(transaction=True)
+        pipe.delete(c.model_verdicts_key(role))
+        pipe.hset(c.model_verdicts_key(role), mapping=fields)
+        pipe.execute()
+    except Exception as exc:  # status shows less; the worker still serves
+        log.warning("%s: could not publish model verdicts: %s", role, exc)
+    finally:
+        conn.close()
 
 
 def pin_cpus(cpus: list[int]) -> None:
@@ -212,6 +269,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         return
     if sender is not None and given is None and _state.explicit_concurrency != "auto":
         sender.concurrency = applied.processes
+    if sender is not None:
+        publish_verdicts(str(sender.app.conf.broker_url), role)
 
 
 @signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]

@@ -7,6 +7,7 @@ Nothing reads the environment at import time: call :meth:`Settings.from_env` whe
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,19 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_MODEL_RAM_MB", "(no cap)", "most MiB of lazily loaded models one worker process may hold"),
     Variable("XNAI_THREADS", "(the plan)", "threads per pool process (llama.cpp and torch), overriding the plan"),
     Variable("XNAI_PLAN", "(none)", 'JSON overrides of the plan per role, e.g. {"grok": {"processes": 2}}'),
+    Variable(
+        "XNAI_LLM_SAFE",
+        "auto",
+        "auto (probe the LLM's load options in a separate process), on (safe options only), off (no probe)",
+    ),
+    Variable("XNAI_LLM_PROBE_TIMEOUT", "120", "seconds one LLM probe (load and a short generation) may take"),
+    Variable("XNAI_MAX_DELIVERIES", "3", "times a message whose worker process died running it is delivered at most"),
+    Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
+    Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.probe_runner", "module the LLM probe runs (for diagnostics)"),
 )
+
+#: XNAI_LLM_SAFE's values.
+LLM_SAFE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,12 @@ class Settings:
     threads: int | None = None
     #: Plan overrides per role (JSON text, checked to be an object of objects): see xnai_tasks.plan.
     plan_overrides: str | None = None
+    llm_safe: str = "auto"
+    llm_probe_timeout: int = 120
+    max_deliveries: int = 3
+    #: Extra modules of ``ROLE.*`` tasks every app built on these settings imports.
+    task_modules: tuple[str, ...] = ()
+    llm_probe_runner: str = "xnai_tasks.probe_runner"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +112,11 @@ class Settings:
             model_ram_mb=_optional(env, "XNAI_MODEL_RAM_MB", _bounded("XNAI_MODEL_RAM_MB", 1, 1 << 24)),
             threads=_optional(env, "XNAI_THREADS", _bounded("XNAI_THREADS", 1, 1024)),
             plan_overrides=_optional(env, "XNAI_PLAN", _parse_plan_overrides),
+            llm_safe=_choice(env, "XNAI_LLM_SAFE", "AUTO", tuple(m.upper() for m in LLM_SAFE_MODES)).lower(),
+            llm_probe_timeout=_int(env, "XNAI_LLM_PROBE_TIMEOUT", 120, 5, 3600),
+            max_deliveries=_int(env, "XNAI_MAX_DELIVERIES", 3, 1, 100),
+            task_modules=_modules(env, "XNAI_TASK_MODULES"),
+            llm_probe_runner=(_modules(env, "XNAI_LLM_PROBE_RUNNER") or ("xnai_tasks.probe_runner",))[0],
         )
         if settings.visibility_timeout <= settings.task_time_limit:
             raise SettingsError(
@@ -118,7 +142,13 @@ class Settings:
             "XNAI_LOG_LEVEL": self.log_level,
             "XNAI_MODEL_MODE": self.model_mode,
             "XNAI_KEEP_ALIVE": str(int(self.keep_alive)),
+            "XNAI_LLM_SAFE": self.llm_safe,
+            "XNAI_LLM_PROBE_TIMEOUT": str(self.llm_probe_timeout),
+            "XNAI_MAX_DELIVERIES": str(self.max_deliveries),
+            "XNAI_LLM_PROBE_RUNNER": self.llm_probe_runner,
         }
+        if self.task_modules:
+            env["XNAI_TASK_MODULES"] = ",".join(self.task_modules)
         optional = {
             "XNAI_REDIS_URL": self.redis_url,
             "XNAI_LLM_MODEL": self.llm_model,
@@ -192,6 +222,18 @@ def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
         return _int({name: raw}, name, low, low, high)
 
     return parse
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _modules(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of dotted Python module names."""
+    names = tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+    for module in names:
+        if not _MODULE_NAME.fullmatch(module):
+            raise SettingsError(f"{name}={module!r} is not a Python module name")
+    return names
 
 
 def _parse_plan_overrides(raw: str) -> str:

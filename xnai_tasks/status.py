@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import redis
@@ -28,6 +29,8 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 "queued": broker.queue_depth(conn, c.queue_for(role)),
                 "refused": refusal_counts(conn, role),
                 "dead_letters": int(conn.llen(c.dead_letter_key(role))),
+                "deaths": recent_deaths(conn, role),
+                "models": model_verdicts(conn, role),
             }
             for role in c.ROLES
         }
@@ -54,7 +57,60 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(
                 f"refused by {role}: {reasons} ({info['dead_letters']} kept: xnai status --dead-letters {role})"
             )
+    for role, info in status["roles"].items():
+        deaths = info.get("deaths", {})
+        if deaths.get("last_10m"):
+            causes = ", ".join(f"{cause} {n}" for cause, n in sorted(deaths["by_cause"].items()))
+            lines.append(f"worker deaths of {role} in the last 10 min: {deaths['last_10m']} ({causes})")
+    for role, info in status["roles"].items():
+        for name, model in info.get("models", {}).items():
+            line = _model_line(role, name, model)
+            if line is not None:
+                lines.append(line)
     return "\n".join(lines)
+
+
+#: ``xnai status`` counts worker-process deaths over this window.
+DEATH_WINDOW_S = 600
+
+
+def recent_deaths(conn: redis.Redis, role: str, now: float | None = None) -> dict[str, Any]:
+    """The role's worker-process deaths in the last :data:`DEATH_WINDOW_S` seconds, by cause (signal)."""
+    since = (time.time() if now is None else now) - DEATH_WINDOW_S
+    events = []
+    for raw in conn.lrange(c.deaths_key(role), 0, c.DEATHS_MAX - 1):
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and float(event.get("ts", 0)) >= since:
+            events.append(event)
+    by_cause: dict[str, int] = {}
+    for event in events:
+        cause = str(event.get("cause", "unknown cause"))
+        by_cause[cause] = by_cause.get(cause, 0) + 1
+    return {"last_10m": len(events), "by_cause": by_cause, "recent": events[:5]}
+
+
+def model_verdicts(conn: redis.Redis, role: str) -> dict[str, Any]:
+    """What the role's workers published at start about their models: probe verdict, load options."""
+    found: dict[str, Any] = {}
+    for name, raw in conn.hgetall(c.model_verdicts_key(role)).items():
+        try:
+            found[name.decode() if isinstance(name, bytes) else str(name)] = json.loads(raw)
+        except ValueError:
+            continue
+    return found
+
+
+def _model_line(role: str, name: str, info: dict[str, Any]) -> str | None:
+    probe = info.get("probe")
+    if not probe:
+        return None
+    options = ", ".join(f"{k}={v}" for k, v in sorted(info.get("load_options", {}).items())) or "llama.cpp defaults"
+    if info.get("unavailable"):
+        return f"model {name} ({role}): UNAVAILABLE: {info['unavailable']}"
+    return f"model {name} ({role}): {probe['status']}, loaded with {options}: {probe['reason']}"
 
 
 def refusal_counts(conn: redis.Redis, role: str) -> dict[str, int]:

@@ -30,6 +30,8 @@ class RoleTask(Task):  # type: ignore[misc]
     retry_backoff_max = celeryconfig.RETRY_BACKOFF_MAX_S
     retry_jitter = True
     max_retries = celeryconfig.RETRY_MAX
+    #: Counts the deaths of the process running a message and stops redelivering it at XNAI_MAX_DELIVERIES.
+    Request = "xnai_tasks.deliveries:LostWorkerRequest"
 
     @property
     def role(self) -> str:
@@ -50,9 +52,16 @@ def role_task(role: str, **options: Any) -> Callable[[F], F]:
     return register
 
 
-def role_tasks() -> dict[str, list[str]]:
-    """Every registered task per role, as short names: the catalogue the client validates against."""
+def role_tasks(extra_modules: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Every registered task per role, as short names: the catalogue the client validates against.
+
+    ``extra_modules`` (``XNAI_TASK_MODULES``) are imported first, so their tasks are known too.
+    """
+    import importlib
+
     app.loader.import_default_modules()
+    for module in extra_modules:
+        importlib.import_module(module)
     catalogue: dict[str, list[str]] = {role: [] for role in c.ROLES}
     for name in app.tasks:
         role, _, short = name.partition(".")
