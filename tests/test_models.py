@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from xnai_tasks.errors import ModelError, OverBudgetError, UsageError
+from xnai_tasks.llm_probe import probe_llm
 from xnai_tasks.models import (
     LLM,
     MANIFEST_PATH,
@@ -44,7 +45,7 @@ from xnai_tasks.plan import RolePlan
 from xnai_tasks.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-EVAL = Path("/work/shared/eval/cache-dev.jsonl")
+EVAL = Path(__file__).resolve().parent / "data" / "cache-dev.jsonl"
 MiB = 1024 * 1024
 
 needs_models = pytest.mark.skipif(
@@ -72,9 +73,17 @@ def encoder_file(settings: Settings) -> ModelFile:
 
 
 @pytest.fixture(scope="session")
-def llm(gguf: ModelFile) -> LLM:
+def llm_options(settings: Settings, gguf: ModelFile) -> dict[str, Any]:
+    """The load options the probe found to work on this host (the safe ones where AMX kernels crash)."""
+    verdict = probe_llm(settings, gguf, 2)
+    assert verdict.options is not None, verdict.reason
+    return verdict.options
+
+
+@pytest.fixture(scope="session")
+def llm(gguf: ModelFile, llm_options: dict[str, Any]) -> LLM:
     start = time.monotonic()
-    model = load_llm(gguf.path, int(gguf.params["n_ctx"]), 2, params=gguf.params)
+    model = load_llm(gguf.path, int(gguf.params["n_ctx"]), 2, params=gguf.params, options=llm_options)
     print(f"\n[timing] LLM load: {time.monotonic() - start:.2f} s")
     return model
 
@@ -354,7 +363,7 @@ n_children, parent_threads, child_threads = int(sys.argv[4]), int(sys.argv[5]), 
 
 def load(threads):
     if kind == "gguf":
-        return m.load_llm(path, 2048, threads)
+        return m.load_llm(path, 2048, threads, options=json.loads(os.environ["SCENARIO_LLM_OPTIONS"]))
     return m.load_encoder(path, threads)
 
 def work(model, i):
@@ -412,10 +421,22 @@ print(json.dumps({"pss": figures, "results": results, "seconds": round(time.mono
 
 
 def run_scenario(
-    kind: str, mode: str, path: Path, children: int, parent_threads: int, child_threads: int, timeout: float
+    kind: str,
+    mode: str,
+    path: Path,
+    children: int,
+    parent_threads: int,
+    child_threads: int,
+    timeout: float,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run SCENARIO in its own process group; on timeout the whole group (children too) is killed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "SCENARIO_LLM_OPTIONS": json.dumps(options or {}),
+    }
     args = [kind, mode, str(path), str(children), str(parent_threads), str(child_threads)]
     proc = subprocess.Popen(
         [sys.executable, "-c", SCENARIO, *args],
@@ -440,10 +461,12 @@ def run_scenario(
 @needs_models
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_preload_then_fork_does_not_hang(gguf: ModelFile) -> None:
+def test_preload_then_fork_does_not_hang(gguf: ModelFile, llm_options: dict[str, Any]) -> None:
     """Parent loads with 2 threads and runs no inference; two forked children each generate 16 tokens."""
     start = time.monotonic()
-    data = run_scenario("gguf", "preload", gguf.path, children=2, parent_threads=2, child_threads=1, timeout=60)
+    data = run_scenario(
+        "gguf", "preload", gguf.path, children=2, parent_threads=2, child_threads=1, timeout=60, options=llm_options
+    )
     assert time.monotonic() - start < 60
     assert len(data["results"]) == 2 and all(r["tokens"] > 0 for r in data["results"])
     print(f"\n[fork] 2 children, 16 tokens each: {data['results']}")
@@ -457,7 +480,9 @@ def _mb(values: list[int]) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", ["gguf", "encoder"])
-def test_pss_preload_vs_independent(kind: str, gguf: ModelFile, encoder_file: ModelFile, tmp_path: Path) -> None:
+def test_pss_preload_vs_independent(
+    kind: str, gguf: ModelFile, encoder_file: ModelFile, llm_options: dict[str, Any], tmp_path: Path
+) -> None:
     """Reported, not asserted: PSS of preload + 3 children, 3 self-loading children, one process.
 
     The model is copied first: PSS splits a mapped file's pages among every process mapping them, and
@@ -469,9 +494,9 @@ def test_pss_preload_vs_independent(kind: str, gguf: ModelFile, encoder_file: Mo
     else:
         path = tmp_path / "encoder"
         shutil.copytree(encoder_file.path, path)
-    single = run_scenario(kind, "single", path, 1, 1, 1, timeout=180)
-    preload = run_scenario(kind, "preload", path, 3, 1, 1, timeout=180)
-    independent = run_scenario(kind, "independent", path, 3, 1, 1, timeout=180)
+    single = run_scenario(kind, "single", path, 1, 1, 1, timeout=180, options=llm_options)
+    preload = run_scenario(kind, "preload", path, 3, 1, 1, timeout=180, options=llm_options)
+    independent = run_scenario(kind, "independent", path, 3, 1, 1, timeout=180, options=llm_options)
     print(
         f"\n[pss {kind}] single process: {_mb(single['pss'])}"
         f"\n[pss {kind}] parent preload + 3 children: {_mb(preload['pss'])}"

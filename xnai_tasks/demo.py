@@ -3,6 +3,10 @@
 cline writes a documentation paragraph and Python code (with its validation report), grok weighs two
 options, curation indexes three documents and answers a paraphrased query from them, and every role's
 ``health`` shows who answered, on which CPUs, and which models it holds.
+
+Each step is one line with the seconds since the start. First it says how each LLM was found to run on
+this host (llama.cpp's defaults, or the safe options after a probe crashed); when cline's LLM cannot run
+at all, or a step fails or is refused, the demo stops at once with the reason instead of waiting.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from typing import Any
 
 from xnai_tasks import constants as c
 from xnai_tasks.client import Client
+from xnai_tasks.errors import XnaiError
 from xnai_tasks.settings import Settings
 from xnai_tasks.supervisor import Stack, StopRequested, raise_on_stop_signals
 
-TASK_TIMEOUT_S = 300.0
+#: No step of the demo waits longer than this: a task whose worker keeps dying fails long before.
+TASK_TIMEOUT_S = 120.0
 
 DOCUMENTS = [
     {
@@ -37,32 +43,73 @@ DOCUMENTS = [
 QUERY = "How do child processes get the model that the parent loaded?"
 
 
+class Steps:
+    """Prints one line per step with the seconds since the demo started."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)
+
+
+class DemoStopped(XnaiError):
+    """A role cannot do its part of the demo; the message says which and why."""
+
+    exit_code = 3
+
+
 def run_demo(settings: Settings) -> int:
-    """Run the demo; 0 when every role answered."""
+    """Run the demo; 0 when every role answered, else the exit code of what stopped it, with its reason."""
     from xnai_tasks.celery_app import app
 
     raise_on_stop_signals()
-    started = time.monotonic()
+    steps = Steps()
+    steps.say(f"starting Redis, 4 workers, beat and Flower (their logs: {settings.log_dir})")
     try:
         with Stack(settings, flower=True) as stack:
             stack.wait_workers(app)
-            print(f"stack up in {time.monotonic() - started:.1f} s (Redis, 4 workers, beat, Flower)\n", flush=True)
+            steps.say("stack up")
             client = Client(settings)
             try:
-                show_work(client)
+                check_models(client, steps)
+                show_work(client, steps)
                 handles = {role: client.submit(role, "health") for role in c.ROLES}
                 answers = {role: handle.get(timeout=TASK_TIMEOUT_S) for role, handle in handles.items()}
             finally:
                 client.close()
     except StopRequested:
         return 130
+    except XnaiError as exc:
+        steps.say(f"stopped: {exc}")
+        return exc.exit_code
     print_health(answers)
-    print("\neverything stopped; the demo is done")
+    steps.say("everything stopped; the demo is done")
     return 0
 
 
-def _call(client: Client, role: str, task: str, **kwargs: Any) -> dict[str, Any]:
+def check_models(client: Client, steps: Steps) -> None:
+    """Say how each LLM was found to run here; stop at once when one cannot run at all."""
+    for role in ("cline", "grok"):
+        facts = client.submit(role, "health").get(timeout=TASK_TIMEOUT_S)
+        for model in facts["models"]:
+            if model["kind"] != "gguf":
+                continue
+            probe = model.get("probe") or {}
+            if model.get("unavailable"):
+                if role == "cline":
+                    raise DemoStopped(f"cline cannot generate: its LLM {model['name']} {model['unavailable']}")
+                steps.say(f"{role}: LLM {model['name']} {model['unavailable']}: grok answers degraded")
+                continue
+            options = ", ".join(f"{k}={v}" for k, v in sorted(model["load_options"].items())) or "defaults"
+            steps.say(f"{role}: LLM {model['name']} {probe.get('reason', 'not probed')} (loaded with {options})")
+
+
+def _call(client: Client, steps: Steps, role: str, task: str, **kwargs: Any) -> dict[str, Any]:
+    start = time.monotonic()
+    steps.say(f"{role}.{task} ...")
     result: dict[str, Any] = client.submit(role, task, **kwargs).get(timeout=TASK_TIMEOUT_S)
+    steps.say(f"{role}.{task} answered in {time.monotonic() - start:.1f} s")
     return result
 
 
@@ -78,15 +125,18 @@ def _llm_line(result: dict[str, Any]) -> str:
     )
 
 
-def show_work(client: Client) -> None:
+def show_work(client: Client, steps: Steps) -> None:
     """Real work on every worker role, printed as it comes."""
-    docs = _call(client, "cline", "generate_docs", topic="the prefork pool of a Celery worker", max_tokens=96, seed=3)
+    docs = _call(
+        client, steps, "cline", "generate_docs", topic="the prefork pool of a Celery worker", max_tokens=96, seed=3
+    )
     print("cline.generate_docs: a paragraph about the prefork pool (small base model, printed as generated)")
     print(_wrap(docs["text"]))
     print(_llm_line(docs) + "\n", flush=True)
 
     code = _call(
         client,
+        steps,
         "cline",
         "generate_code",
         spec="a function that returns the n-th Fibonacci number",
@@ -105,6 +155,7 @@ def show_work(client: Client) -> None:
 
     analysis = _call(
         client,
+        steps,
         "grok",
         "analyze",
         question="Which database should a small offline desktop app use?",
@@ -121,8 +172,8 @@ def show_work(client: Client) -> None:
         print(_wrap("  " + (option["assessment"] or "")))
     print()
 
-    indexed = _call(client, "curation", "index", documents=DOCUMENTS)
-    found = _call(client, "curation", "search", query=QUERY, k=2)
+    indexed = _call(client, steps, "curation", "index", documents=DOCUMENTS)
+    found = _call(client, steps, "curation", "search", query=QUERY, k=2)
     print(f"curation.index: {indexed['documents']} documents, {indexed['chunks']} chunks ({indexed['model']})")
     print(f"curation.search: {QUERY!r}")
     for hit in found["hits"]:

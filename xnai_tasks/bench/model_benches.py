@@ -96,12 +96,15 @@ def _synthesize(client: Client, tokens: int, count: int = 1) -> tuple[list[dict[
 
 def run_llm(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/s through the queue (submit to result) vs a direct llama-cpp-python call, same threads."""
+    from xnai_tasks.errors import ModelError
+    from xnai_tasks.llm_probe import llama_build, probe_llm
     from xnai_tasks.models import generate, load_llm, resolve_model
     from xnai_tasks.plan import plan_for
 
     tokens, threads, rounds = _arg(args, "tokens", 128), _arg(args, "threads", 2), _arg(args, "rounds", 3)
     runs: dict[str, list[float]] = {"queue": [], "direct": []}
     counts: dict[str, int] = {}
+    options: dict[str, Any] | None = None
     with _session(settings) as (bench, control, client):
         cpus = plan_for(bench).roles["grok"].cpus
         env = {"XNAI_THREADS": str(threads)}
@@ -110,7 +113,12 @@ def run_llm(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             before = os.sched_getaffinity(0)
             os.sched_setaffinity(0, cpus)  # the direct side runs on the worker's CPUs too
             try:
-                llm = load_llm(gguf.path, int(gguf.params.get("n_ctx", 2048)), threads, params=gguf.params)
+                options = probe_llm(bench, gguf, threads).options  # what the worker serves with, remembered
+                if options is None:
+                    raise ModelError(f"the LLM cannot run on this host, nothing to measure: {gguf.name}")
+                llm = load_llm(
+                    gguf.path, int(gguf.params.get("n_ctx", 2048)), threads, params=gguf.params, options=options
+                )
                 _synthesize(client, 8)  # warm-up on both sides
                 generate(llm, PROMPT, 8, 0.0, seed=1)
                 for _ in range(rounds):
@@ -138,6 +146,8 @@ def run_llm(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "threads": threads,
         "cpus": cpus,
         "rounds": rounds,
+        "llama_build": llama_build(),
+        "load_options": options,
         "sides": summary,
         "ratios": {
             "queue_vs_direct_tokens_per_s": round(
