@@ -19,7 +19,7 @@ from xnai_tasks import security
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.celery_app import create_app
 from xnai_tasks.client import Client
-from xnai_tasks.errors import SettingsError, TaskFailedError
+from xnai_tasks.errors import RefusedError, SettingsError
 from xnai_tasks.keys import init_keys
 from xnai_tasks.plan import GiB, Host, RolePlan, for_concurrency, format_plan, plan_for
 from xnai_tasks.redis_server import EmbeddedRedis
@@ -231,9 +231,9 @@ def test_lazy_mode_loads_on_use_unloads_when_idle_and_refuses_over_budget(
         "grok", "synthesize", prompt="What colour is the sky?", context="The sky is blue. Grass is green."
     ).get(timeout=60)
     assert extract["degraded"] is True and "sky is blue" in extract["text"]
-    # with no context to extract from, it fails fast and clearly
+    # with no context to extract from, it is refused fast and clearly (a refusal: CLI exit 3)
     start = time.monotonic()
-    with pytest.raises(TaskFailedError, match="refused"):
+    with pytest.raises(RefusedError, match="refused"):
         client.submit("grok", "synthesize", prompt="Say hi.", max_tokens=4).get(timeout=60)
     assert time.monotonic() - start < 10
     _wait_until(lambda: not _health_models(client)["encoder"]["loaded"], 30)

@@ -101,12 +101,10 @@ class MessageGate:
         except MessageRejected as rejected:
             return Refusal(rejected.reason, rejected.detail)
         redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
-        if redelivered:
-            lost = self._over_delivered(role, headers)
-            if lost is not None:
-                return lost
         replay = claim_nonce(self._redis, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
-        return None if replay is None else Refusal("replay", replay)
+        if replay is not None:  # checked first: a copy of a finished message never touches its result
+            return Refusal("replay", replay)
+        return self._over_delivered(role, headers) if redelivered else None
 
     def _over_delivered(self, role: str, headers: dict[str, Any]) -> Refusal | None:
         """A redelivered message past ``XNAI_MAX_DELIVERIES`` (its workers kept dying): refuse it as worker_lost."""

@@ -564,6 +564,20 @@ def ggml_backend_libraries() -> list[Path]:
     return sorted(lib.glob("libggml-cpu-*.so"))
 
 
+def _loaded_ggml(lib: Path) -> str:
+    """The ggml library file llama-cpp-python's libllama already loaded.
+
+    A wheel holds no symlinks, so ``libggml.so`` and ``libggml.so.0`` are two copies of one library: opening
+    the other one would make a second backend registry that llama.cpp never looks at.
+    """
+    import llama_cpp  # noqa: F401  loads libllama and, through it, libggml
+
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = {line.split()[-1] for line in maps if "/libggml.so" in line}
+    found = sorted(path for path in mapped if Path(path).parent == lib)
+    return found[0] if found else str(lib / "libggml.so")
+
+
 def load_ggml_backends() -> None:
     """A portable build (``GGML_BACKEND_DL``) has no backend linked in: load the best CPU variant once.
 
@@ -576,7 +590,7 @@ def load_ggml_backends() -> None:
     if variants:
         import ctypes
 
-        ggml = ctypes.CDLL(str(variants[0].parent / "libggml.so"))
+        ggml = ctypes.CDLL(_loaded_ggml(variants[0].parent))
         if int(ggml.ggml_backend_reg_count()) == 0:
             ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
             ggml.ggml_backend_load_all_from_path(str(variants[0].parent).encode())
