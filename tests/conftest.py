@@ -60,3 +60,29 @@ def client(stack: Stack, stack_settings: Settings) -> Iterator[Client]:
     c = Client(stack_settings)
     yield c
     c.close()
+
+
+# ---- a private Redis for a module that starts its own workers: the module defines `private_settings` ----
+
+
+@pytest.fixture(scope="module")
+def private_stack(private_settings: Settings) -> Iterator[Stack]:
+    """The embedded Redis with keys and ACLs, and no worker: the module's tests start their own."""
+    with Stack(private_settings, roles=(), flower=False) as running:
+        yield running
+    shutil.rmtree(private_settings.home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_app(private_stack: Stack, private_settings: Settings) -> Iterator[Celery]:
+    """A Celery app on the private Redis, for ``ping`` and raw sends."""
+    app = create_app(private_settings, main="xnai_test_private")
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def private_client(private_stack: Stack, private_settings: Settings) -> Iterator[Client]:
+    made = Client(private_settings)
+    yield made
+    made.close()

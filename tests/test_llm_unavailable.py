@@ -7,7 +7,6 @@ AMX the VM does not allow.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from celery import Celery
 
 from xnai_tasks.bench.harness import role_worker
-from xnai_tasks.celery_app import create_app
 from xnai_tasks.client import Client
 from xnai_tasks.errors import RefusedError
 from xnai_tasks.settings import Settings
@@ -35,28 +33,23 @@ CONTEXT = (
 
 
 @pytest.fixture(scope="module")
-def settings() -> Iterator[Settings]:
-    yield Settings(home=short_home(), model_mode="lazy")
+def private_settings() -> Settings:
+    return Settings(home=short_home(), model_mode="lazy")
 
 
 @pytest.fixture(scope="module")
-def redis_stack(settings: Settings) -> Iterator[Stack]:
-    with Stack(settings, roles=(), flower=False) as running:
-        yield running
+def settings(private_stack: Stack, private_settings: Settings) -> Settings:
+    return private_settings
 
 
 @pytest.fixture(scope="module")
-def app(redis_stack: Stack, settings: Settings) -> Iterator[Celery]:
-    application = create_app(settings, main="xnai_test_unavailable")
-    yield application
-    application.close()
+def app(private_app: Celery) -> Celery:
+    return private_app
 
 
 @pytest.fixture(scope="module")
-def client(redis_stack: Stack, settings: Settings) -> Iterator[Client]:
-    made = Client(settings)
-    yield made
-    made.close()
+def client(private_client: Client) -> Client:
+    return private_client
 
 
 def runner_env(runner: str) -> dict[str, str]:

@@ -22,7 +22,6 @@ from celery import Celery
 from xnai_tasks import acl, broker
 from xnai_tasks import constants as c
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
-from xnai_tasks.celery_app import create_app
 from xnai_tasks.client import Client
 from xnai_tasks.errors import TaskFailedError
 from xnai_tasks.keys import load_signer
@@ -37,11 +36,10 @@ WORKER_ENV = {"PYTHONPATH": TESTS_DIR}
 
 
 @pytest.fixture(scope="module")
-def settings() -> Iterator[Settings]:
+def private_settings() -> Settings:
     # A short visibility timeout, so a message whose whole worker was killed comes back within seconds.
-    home = short_home()
-    yield Settings(
-        home=home,
+    return Settings(
+        home=short_home(),
         model_mode="lazy",
         max_deliveries=3,
         task_modules=("xnai_test_tasks",),
@@ -52,36 +50,31 @@ def settings() -> Iterator[Settings]:
 
 
 @pytest.fixture(scope="module")
-def redis_stack(settings: Settings) -> Iterator[Stack]:
-    with Stack(settings, roles=(), flower=False) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def app(redis_stack: Stack, settings: Settings) -> Iterator[Celery]:
-    application = create_app(settings, main="xnai_test_lost")
-    yield application
-    application.close()
-
-
-@pytest.fixture(scope="module")
-def admin(redis_stack: Stack, settings: Settings) -> Iterator[redis.Redis]:
-    conn = broker.connect(acl.connection_url(settings, acl.ADMIN))
+def admin(private_stack: Stack, private_settings: Settings) -> Iterator[redis.Redis]:
+    conn = broker.connect(acl.connection_url(private_settings, acl.ADMIN))
     yield conn
     conn.close()
 
 
 @pytest.fixture(scope="module")
-def client(redis_stack: Stack, settings: Settings) -> Iterator[Client]:
+def client(private_client: Client) -> Client:
     import xnai_test_tasks  # noqa: F401  registers curation.die and curation.nap in this process too
 
-    made = Client(settings)
-    yield made
-    made.close()
+    return private_client
+
+
+@pytest.fixture(scope="module")
+def settings(private_settings: Settings) -> Settings:
+    return private_settings
+
+
+@pytest.fixture(scope="module")
+def app(private_app: Celery) -> Celery:
+    return private_app
 
 
 @pytest.fixture
-def worker(redis_stack: Stack, settings: Settings, app: Celery) -> Iterator[subprocess.Popen[bytes]]:
+def worker(private_stack: Stack, settings: Settings, app: Celery) -> Iterator[subprocess.Popen[bytes]]:
     """A running curation worker with two pool processes."""
     proc = start_worker(settings, "curation", concurrency=2, env=WORKER_ENV)
     try:
@@ -166,7 +159,7 @@ def test_a_task_whose_process_died_once_runs_again_and_answers(
 
 
 def test_the_cap_holds_across_a_stop_of_the_worker(
-    redis_stack: Stack, settings: Settings, app: Celery, client: Client, admin: redis.Redis, tmp_path: Path
+    private_stack: Stack, settings: Settings, app: Celery, client: Client, admin: redis.Redis, tmp_path: Path
 ) -> None:
     # Given a poison task that has already killed one process of a worker
     runs = tmp_path / "runs"
@@ -196,7 +189,7 @@ def test_the_cap_holds_across_a_stop_of_the_worker(
 
 
 def test_a_task_whose_whole_worker_was_killed_comes_back_and_answers(
-    redis_stack: Stack, settings: Settings, app: Celery, client: Client, admin: redis.Redis, tmp_path: Path
+    private_stack: Stack, settings: Settings, app: Celery, client: Client, admin: redis.Redis, tmp_path: Path
 ) -> None:
     # Given a task running on a worker
     runs = tmp_path / "runs"

@@ -23,16 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from xnai_tasks.files import read_json_object, write_json_atomic
 from xnai_tasks.models import ModelFile, ggml_backend_libraries, models_dir
 from xnai_tasks.settings import Settings
 
@@ -143,40 +143,23 @@ class VerdictStore:
     def __init__(self, settings: Settings) -> None:
         self.path = models_dir(settings) / VERDICTS_FILE
 
-    def _read(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
     def get(self, key: str) -> Verdict | None:
-        raw = self._read().get(key)
+        raw = read_json_object(self.path).get(key)
         if not isinstance(raw, dict):
             return None
         try:
             found = Verdict.from_dict(raw)
         except (KeyError, TypeError):
             return None
-        return Verdict(
-            status=found.status,
-            options=found.options,
-            reason=found.reason,
-            key=found.key,
-            attempts=found.attempts,
-            cached=True,
-        )
+        return replace(found, cached=True)
 
     def put(self, verdict: Verdict) -> None:
-        data = self._read()
+        data = read_json_object(self.path)
         data[verdict.key] = verdict.as_dict() | {"checked_at": time.time()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, data)
         except OSError as exc:
             log.warning("cannot remember the probe verdict in %s: %s", self.path, exc)
-            tmp.unlink(missing_ok=True)
 
 
 def probe_llm(settings: Settings, model: ModelFile, threads: int) -> Verdict:

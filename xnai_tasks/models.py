@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TextIO, TypedDict, TypeVar, cast
 
 from xnai_tasks.errors import ModelError, ModelUnavailableError, OverBudgetError, UsageError
+from xnai_tasks.files import read_json_object, write_json_atomic
 from xnai_tasks.plan import ModelMode, RolePlan, role_models
 from xnai_tasks.settings import Settings
 
@@ -333,29 +334,19 @@ class _VerifiedCache:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _read(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
     def lookup(self, path: Path, st: os.stat_result) -> str | None:
-        hit = self._read().get(str(path.resolve()))
+        hit = read_json_object(self.path).get(str(path.resolve()))
         if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
             return str(hit.get("sha256"))
         return None
 
     def store(self, path: Path, st: os.stat_result, sha256: str) -> None:
-        data = self._read()
+        data = read_json_object(self.path)
         data[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, data)
         except OSError as exc:
             log.warning("cannot record the checksum of %s in %s: %s", path, self.path, exc)
-            tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path, label: str | None = None) -> str:
