@@ -45,19 +45,21 @@ def test_init_creates_one_key_per_role_with_safe_modes(tmp_path: Path) -> None:
     # Given an empty home
     # When the keys are initialized
     ring = init_keys(tmp_path)
-    # Then every role has one active key, whose private file is 0600, in a 0700 directory
-    assert set(ring.agents()) == set(c.ROLES)
+    # Then every role, and Flower (read-only control commands), has one active key, whose private file
+    # is 0600, in a 0700 directory; Flower may dispatch no task
+    assert set(ring.agents()) == set(c.AGENTS) == {*c.ROLES, "flower"}
+    assert ring.permissions("flower") == ()
     assert _mode(keys_dir(tmp_path)) == 0o700
-    for agent in c.ROLES:
+    for agent in c.AGENTS:
         entry = ring.active_entry(agent)
         assert entry is not None
         assert entry.kid == key_id(entry.public_key) == hashlib.sha256(entry.public_key).hexdigest()[:16]
         assert _mode(private_key_path(tmp_path, agent, entry.kid)) == 0o600
     # And the keyring is plain JSON with public keys only
     doc = json.loads(keyring_path(tmp_path).read_text())
-    assert doc["version"] == 1 and len(doc["keys"]) == len(c.ROLES)
+    assert doc["version"] == 1 and len(doc["keys"]) == len(c.AGENTS)
     text = keyring_path(tmp_path).read_text()
-    for agent in c.ROLES:
+    for agent in c.AGENTS:
         seed = private_key_path(tmp_path, agent, _active_kid(tmp_path, agent)).read_text().strip()
         assert seed not in text
 
@@ -293,7 +295,7 @@ def test_list_keys_rows(tmp_path: Path) -> None:
     # When listed 100 s later
     rows = list_keys(tmp_path, now=T0 + 100)
     # Then one row per agent with age, status and permissions
-    assert [r["agent"] for r in rows] == sorted(c.ROLES)
+    assert [r["agent"] for r in rows] == sorted(c.AGENTS)
     for row in rows:
         assert set(row) == {"agent", "kid", "age_s", "status", "expires_at", "permissions"}
         assert row["age_s"] == 100 and row["status"] == "active"

@@ -221,6 +221,7 @@ def role_keys(role: str) -> tuple[str, ...]:
         c.lost_key_pattern(role),
         c.deaths_key(role),
         c.model_verdicts_key(role),
+        c.control_nonce_pattern(role),
     ]
     if role == "curation":
         keys.append(f"{BANK_KEY_PREFIX}*")

@@ -22,7 +22,9 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", cu
 
     Only the package's own ``app`` is Celery's current app (Flower builds its results on the current app).
     """
-    application = Celery(main, include=list(ROLE_MODULES), set_as_current=current)
+    application = Celery(
+        main, include=list(ROLE_MODULES), set_as_current=current, control="xnai_tasks.control:SignedControl"
+    )
     if settings is not None:
         application.conf.update(_config(settings))
     else:
@@ -40,6 +42,11 @@ def _config(settings: Settings) -> dict[str, Any]:
 
     config = celeryconfig.build(settings)
     config["result_backend"] = result_backend_url(config["result_backend"])
+    # Remote control is signed (xnai_tasks.control): where this process's keys are, and which agent it
+    # signs commands as when it has no agent of its own (Flower: inspect only; anything else: the copilot).
+    config["xnai_home"] = str(settings.home)
+    _, user = celeryconfig.identity(settings)
+    config["xnai_control_agent"] = "flower" if user == "flower" else "copilot"
     return config
 
 

@@ -7,6 +7,9 @@ from typing import Final
 #: The agents. Each role has one queue of the same name and one worker module in ``workers/``.
 ROLES: Final = ("copilot", "cline", "grok", "curation")
 
+#: Every agent with a signing key: the roles, and Flower (which may only send read-only control commands).
+AGENTS: Final = (*ROLES, "flower")
+
 #: Worker roles whose tasks are dispatched by the copilot (the copilot also has a queue of its own).
 WORKER_ROLES: Final = ("cline", "grok", "curation")
 
@@ -143,3 +146,13 @@ def deaths_key(role: str) -> str:
 def model_verdicts_key(role: str) -> str:
     """Hash of the role's model probe verdicts (model name -> JSON), written by its worker at start."""
     return f"{XNAI_KEY_PREFIX}models:{role}"
+
+
+def control_nonce_key(role: str, nonce: str) -> str:
+    """Marks a remote-control command's nonce as used by the workers of ``role`` (replay protection)."""
+    return f"{XNAI_KEY_PREFIX}ctl:{role}:{nonce}"
+
+
+def control_nonce_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`control_nonce_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}ctl:{role}:*"

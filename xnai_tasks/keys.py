@@ -299,7 +299,7 @@ class SignerSource:
 # ---- operations on the files ----
 
 
-def init_keys(home: Path, *, agents: Sequence[str] = c.ROLES, now: float | None = None) -> Keyring:
+def init_keys(home: Path, *, agents: Sequence[str] = c.AGENTS, now: float | None = None) -> Keyring:
     """Give every agent without an active key a new key pair and default permissions. Idempotent."""
     at = time.time() if now is None else now
     for agent in agents:

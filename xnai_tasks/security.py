@@ -66,8 +66,20 @@ def signing_as(source: SignerSource) -> Iterator[None]:
         _context_source.reset(token)
 
 
-def _current_source() -> SignerSource | None:
-    return _context_source.get() or _state["source"]
+def current_source() -> SignerSource | None:
+    """The signer of this thread's context (a client's submit), else the process's agent, else None."""
+    return context_source() or process_source()
+
+
+def context_source() -> SignerSource | None:
+    """The signer set by :func:`signing_as` for this thread's context, if any."""
+    return _context_source.get()
+
+
+def process_source() -> SignerSource | None:
+    """The agent this process signs as by default (a role worker's role), if any."""
+    source: SignerSource | None = _state["source"]
+    return source
 
 
 @signals.before_task_publish.connect  # type: ignore[untyped-decorator]
@@ -75,7 +87,7 @@ def _sign_outgoing(
     body: Any = None, headers: dict[str, Any] | None = None, routing_key: str | None = None, **_: Any
 ) -> None:
     """Add the signature header to every task message this process publishes (retries re-sign)."""
-    source = _current_source()
+    source = current_source()
     if source is None or headers is None:
         return  # unsigned: every worker refuses it
     headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key or "")

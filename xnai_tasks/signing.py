@@ -482,3 +482,103 @@ def verify_result(
         problem = f"unexpected {type(exc).__name__} while verifying"
     if problem:
         raise ResultSignatureError(f"result of task {_show(task_id)} is not authentic: {problem}")
+
+
+# ---- remote control (Celery's broadcast commands) and their replies ----
+
+_CONTROL_DOMAIN: Final = b"xnai-control-v1\n"
+_REPLY_DOMAIN: Final = b"xnai-control-reply-v1\n"
+
+
+def _control_bytes(domain: bytes, *, agent: str, kid: str, ts: float, nonce: str, body_digest: str) -> bytes:
+    doc = {"v": SIG_VERSION, "agent": agent, "key_id": kid, "ts": ts, "nonce": nonce, "body_digest": body_digest}
+    return domain + _CANONICAL.encode(doc).encode("ascii")
+
+
+def _sign_control_like(domain: bytes, signer: Signer, body: Any, now: float | None) -> dict[str, str | float | int]:
+    ts = time.time() if now is None else float(now)
+    nonce = secrets.token_hex(16)
+    try:
+        body_digest = digest(body)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"cannot sign a control message: not JSON: {exc}") from None
+    data = _control_bytes(domain, agent=signer.agent, kid=signer.kid, ts=ts, nonce=nonce, body_digest=body_digest)
+    return {
+        "v": SIG_VERSION,
+        "agent": signer.agent,
+        "kid": signer.kid,
+        "ts": ts,
+        "nonce": nonce,
+        "sig": base64.b64encode(signer.sign(data)).decode("ascii"),
+    }
+
+
+def sign_control(signer: Signer, *, body: Any, now: float | None = None) -> dict[str, str | float | int]:
+    """The ``xnai_sig`` header of a remote-control message: its whole body (method, arguments, destination,
+    reply address), a timestamp and a nonce."""
+    return _sign_control_like(_CONTROL_DOMAIN, signer, body, now)
+
+
+def sign_reply(signer: Signer, *, ticket: str, body: Any, now: float | None = None) -> dict[str, str | float | int]:
+    """The ``xnai_sig`` header of a worker's reply to a control message (the ticket is signed with the body)."""
+    return _sign_control_like(_REPLY_DOMAIN, signer, {"ticket": ticket, "reply": body}, now)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedControl:
+    """Who signed a control message or reply, and its nonce and time."""
+
+    agent: str
+    kid: str
+    ts: float
+    nonce: str
+
+
+def _verify_control_like(domain: bytes, keyring: Keyring, body: Any, signature: Any, now: float) -> VerifiedControl:
+    if signature is None:
+        raise MessageRejected(Reason.UNSIGNED, f"no {SIG_HEADER} header")
+    common = _common_fields(signature)
+    if isinstance(common, str):
+        raise _malformed(f"{SIG_HEADER} field {common} is missing or invalid")
+    nonce = signature.get("nonce")
+    if not isinstance(nonce, str) or not _HEX32.fullmatch(nonce):
+        raise _malformed(f"{SIG_HEADER} field nonce is missing or invalid")
+    agent, kid, ts, raw = common
+    entry, _ = _usable_key(keyring, kid, agent, now)
+    try:
+        data = _control_bytes(domain, agent=agent, kid=kid, ts=ts, nonce=nonce, body_digest=digest(body))
+    except (TypeError, ValueError, RecursionError):
+        raise _malformed("body is not canonical JSON") from None
+    try:
+        entry.verify_key.verify(data, raw)
+    except BadSignatureError:
+        raise MessageRejected(Reason.BAD_SIGNATURE, f"signature by {kid} does not match") from None
+    return VerifiedControl(agent=entry.agent, kid=kid, ts=float(ts), nonce=nonce)
+
+
+def verify_control(keyring: Keyring, *, body: Any, signature: Any, now: float, max_age_s: float) -> VerifiedControl:
+    """Check a control message's signature and age (who may send what is the caller's check).
+
+    Raises only :class:`MessageRejected`.
+    """
+    try:
+        verified = _verify_control_like(_CONTROL_DOMAIN, keyring, body, signature, now)
+    except MessageRejected:
+        raise
+    except Exception as exc:
+        raise _malformed(f"unexpected {type(exc).__name__} while verifying") from None
+    if now - verified.ts > max_age_s:
+        raise MessageRejected(Reason.EXPIRED, f"signed {now - verified.ts:.0f} s ago, more than {max_age_s:g} s")
+    if verified.ts - now > MAX_SKEW_S:
+        raise MessageRejected(Reason.FUTURE, f"signed {verified.ts - now:.0f} s in the future")
+    return verified
+
+
+def verify_reply(keyring: Keyring, *, ticket: Any, body: Any, signature: Any, now: float) -> VerifiedControl:
+    """Check a control reply's signature over its ticket and body. Raises only :class:`MessageRejected`."""
+    try:
+        return _verify_control_like(_REPLY_DOMAIN, keyring, {"ticket": ticket, "reply": body}, signature, now)
+    except MessageRejected:
+        raise
+    except Exception as exc:
+        raise _malformed(f"unexpected {type(exc).__name__} while verifying") from None

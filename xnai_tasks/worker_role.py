@@ -60,4 +60,5 @@ def _decide_role(sender: str | None = None, conf: Any = None, options: dict[str,
     settings = Settings.from_env()
     if conf is not None:
         acl.apply_role(conf, settings, role)
+        conf["xnai_control_agent"] = role  # control commands this worker sends are signed as its role
     use_agent(settings.home, role)
