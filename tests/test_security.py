@@ -192,7 +192,7 @@ def test_replayed_message_is_refused_and_runs_once(
     )
     assert AsyncResult(task_id, app=control_app).get(timeout=30) == "once"
     # (its nonce is marked done together with its result)
-    assert conn.get(c.nonce_key(headers[SIG_HEADER]["nonce"])) == b"done"
+    assert conn.get(c.nonce_key("cline", headers[SIG_HEADER]["nonce"])) == b"done"
     before = refused_count(conn, "cline", "replay")
     # When the captured message is sent again, as is
     resend(control_app, "cline", headers, body)
@@ -346,3 +346,40 @@ def test_subtask_to_a_role_the_worker_may_not_dispatch_never_runs(
         conn, stack_settings, control_app, "grok", "not_authorized",
         lambda: publish_raw(control_app, task="grok.echo", queue="grok", signer=cline_key)[0],
     )  # fmt: skip
+
+
+def test_another_role_cannot_reset_a_finished_messages_nonce(
+    stack: Stack, stack_settings: Settings, control_app: Celery, conn: redis.Redis, copilot: Signer
+) -> None:
+    # Given a grok message that ran
+    task_id, headers, body = publish_raw(
+        control_app, task="grok.echo", queue="grok", signer=copilot, kwargs={"value": "ledger"}
+    )
+    assert AsyncResult(task_id, app=control_app).get(timeout=30) == "ledger"
+    key = c.nonce_key("grok", headers[SIG_HEADER]["nonce"])
+    # When cline's credential tries to delete, overwrite or expire that message's nonce
+    cline = broker.connect(acl.connection_url(stack_settings, "cline"))
+    attempts: list[Callable[[], object]] = [
+        lambda: cline.delete(key),
+        lambda: cline.set(key, b"seen"),
+        lambda: cline.expire(key, 1),
+        lambda: cline.unlink(key),
+    ]
+    for attempt in attempts:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    cline.close()
+    # Then the ledger still says done, and the message sent again is refused as a replay and does not run
+    assert conn.get(key) == b"done"
+    before = refused_count(conn, "grok", "replay")
+    resend(control_app, "grok", headers, body)
+    deadline = time.monotonic() + 30
+    while refused_count(conn, "grok", "replay") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runs = [
+        line
+        for line in (stack_settings.log_dir / c.LOG_FILE).read_text().splitlines()
+        if task_id in line and "succeeded" in line
+    ]
+    assert len(runs) == 1, runs

@@ -172,7 +172,7 @@ def test_uncovered_headers_may_change(ring: Keyring, copilot: Signer) -> None:
 def test_each_signature_has_a_fresh_nonce(copilot: Signer) -> None:
     nonces = {_signed(copilot)[SIG_HEADER]["nonce"] for _ in range(50)}
     assert len(nonces) == 50 and all(len(n) == 32 for n in nonces)
-    assert c.nonce_key("ab" * 16) == "xnai:nonce:" + "ab" * 16
+    assert c.nonce_key("grok", "ab" * 16) == "xnai:nonce:grok:" + "ab" * 16
     assert nonce_ttl_s(MAX_AGE) >= MAX_AGE + MAX_SKEW_S
 
 

@@ -215,7 +215,7 @@ def role_keys(role: str) -> tuple[str, ...]:
         *binding_keys(role),  # the role's own direct exchange (celeryconfig.task_queues)
         f"{role}@*.{PIDBOX_EXCHANGE}*",  # its node's control queue (declared, sized, deleted; never filled)
         f"{DEFAULT_NODE_PREFIX}*.{PIDBOX_EXCHANGE}*",  # the same for Celery's default node name celery@HOST
-        f"{c.XNAI_KEY_PREFIX}nonce:*",
+        c.nonce_pattern(role),
         c.refused_counter_key(role),
         c.dead_letter_key(role),
         c.lost_key_pattern(role),

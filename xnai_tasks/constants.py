@@ -89,9 +89,18 @@ def refused_counter_key(role: str) -> str:
     return f"{XNAI_KEY_PREFIX}refused:{role}"
 
 
-def nonce_key(nonce: str) -> str:
-    """Marks a message nonce as seen, for the maximum message age (replay protection)."""
-    return f"{XNAI_KEY_PREFIX}nonce:{nonce}"
+def nonce_key(role: str, nonce: str) -> str:
+    """Marks a message nonce as seen by ``role``, for the maximum message age (replay protection).
+
+    Per role: only the role that consumed a message (its ACL user) can touch its nonce, so no other role
+    can delete a finished message's nonce to make it run again.
+    """
+    return f"{XNAI_KEY_PREFIX}nonce:{role}:{nonce}"
+
+
+def nonce_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`nonce_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}nonce:{role}:*"
 
 
 # ---- The memory bank (curation's index of chunks and their embeddings); every key starts here ----

@@ -119,12 +119,10 @@ class DeliveryLedger:
         body: Any,
         request: Any = None,
     ) -> None:
-        """Fail the task with a signed result, mark its nonce done, dead-letter and count it, log it."""
-        backend.mark_as_failure(task_id, WorkerLostError(line), request=request)
-        signature = headers.get(SIG_HEADER)
-        nonce = signature.get("nonce") if isinstance(signature, dict) else None
-        if isinstance(nonce, str):
-            self.conn.set(c.nonce_key(nonce), b"done", xx=True, keepttl=True)
+        """Dead-letter and count it, mark its nonce done, fail the task with a signed result, log it.
+
+        The result comes last, so a client that sees the failure also finds the dead letter.
+        """
         dead_letter(
             self.conn,
             self.role,
@@ -135,6 +133,11 @@ class DeliveryLedger:
             delivery_info=delivery_info,
             body=body,
         )
+        signature = headers.get(SIG_HEADER)
+        nonce = signature.get("nonce") if isinstance(signature, dict) else None
+        if isinstance(nonce, str):
+            self.conn.set(c.nonce_key(self.role, nonce), b"done", xx=True, keepttl=True)
+        backend.mark_as_failure(task_id, WorkerLostError(line), request=request)
         log.error(line, extra={"event": "worker_lost", "role": self.role, "task_id": task_id})
 
 

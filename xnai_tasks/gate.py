@@ -101,7 +101,7 @@ class MessageGate:
         except MessageRejected as rejected:
             return Refusal(rejected.reason, rejected.detail)
         redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
-        replay = claim_nonce(self._redis, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
+        replay = claim_nonce(self._redis, role, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
         if replay is not None:  # checked first: a copy of a finished message never touches its result
             return Refusal("replay", replay)
         return self._over_delivered(role, headers) if redelivered else None

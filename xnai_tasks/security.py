@@ -109,7 +109,7 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
         meta[SIG_HEADER] = sign_result(
             source.get(), task_id=str(meta.get("task_id")), status=str(meta.get("status")), result=meta.get("result")
         )
-        _finishing.nonce = _running_nonce(str(meta.get("task_id"))) if state in states.READY_STATES else None
+        _finishing.nonce = _running_nonce_key(str(meta.get("task_id"))) if state in states.READY_STATES else None
         try:
             return super()._set_with_state(key, json.dumps(meta), state)
         finally:
@@ -124,12 +124,12 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)
-            nonce = _finishing.nonce
-            if nonce is not None:
-                pipe.set(c.nonce_key(nonce), NONCE_DONE, xx=True, keepttl=True)
+            nonce_key = _finishing.nonce
+            if nonce_key is not None:
+                pipe.set(nonce_key, NONCE_DONE, xx=True, keepttl=True)
             pipe.execute()
-        if nonce is not None:
-            _finished_nonces.add(nonce)
+        if nonce_key is not None:
+            _finished_nonces.add(nonce_key)
 
 
 #: The nonce whose task's final result is being stored by this thread, if any.
@@ -139,15 +139,23 @@ _finishing.nonce = None
 _finished_nonces: set[str] = set()
 
 
-def _running_nonce(task_id: str) -> str | None:
-    """The nonce of the task this process is running, if ``task_id`` is that task."""
+def _running_nonce_key(task_id: str) -> str | None:
+    """The ledger key of the nonce of the task this process is running, if ``task_id`` is that task."""
     task = current_task
     request = getattr(task, "request", None)
-    signature = getattr(request, SIG_HEADER, None)
-    if getattr(request, "id", None) != task_id or not isinstance(signature, dict):
+    if getattr(request, "id", None) != task_id:
         return None
-    nonce = signature.get("nonce")
-    return nonce if isinstance(nonce, str) else None
+    return _nonce_key_of(task)
+
+
+def _nonce_key_of(task: Any) -> str | None:
+    """The ledger key of a running task's nonce: its role (the task name's prefix) and its signed nonce."""
+    signature = getattr(getattr(task, "request", None), SIG_HEADER, None)
+    nonce = signature.get("nonce") if isinstance(signature, dict) else None
+    name = getattr(task, "name", None)
+    if not isinstance(nonce, str) or not isinstance(name, str):
+        return None
+    return c.nonce_key(name.split(".", 1)[0], nonce)
 
 
 def result_backend_url(broker_url: str) -> str:
@@ -160,14 +168,14 @@ def result_backend_url(broker_url: str) -> str:
 # ---- replay ledger ----
 
 
-def claim_nonce(conn: redis.Redis, nonce: str, ttl_s: int, *, redelivered: bool) -> str | None:
+def claim_nonce(conn: redis.Redis, role: str, nonce: str, ttl_s: int, *, redelivered: bool) -> str | None:
     """Record a nonce as admitted. Returns None when the message may run, else why it is a replay.
 
     A nonce is ``seen`` from admission until its task finishes, then ``done``, for the maximum message
     age. A copy of a finished message is a replay; so is a second copy of one still in flight, unless the
     broker marked it redelivered (kombu does when a lost worker's message is restored or requeued).
     """
-    key = c.nonce_key(nonce)
+    key = c.nonce_key(role, nonce)
     if conn.set(key, NONCE_SEEN, nx=True, ex=ttl_s):
         return None
     state = conn.get(key)
@@ -176,19 +184,19 @@ def claim_nonce(conn: redis.Redis, nonce: str, ttl_s: int, *, redelivered: bool)
     return "nonce already used by a finished task" if state == NONCE_DONE else "nonce already in flight"
 
 
-def finish_nonce(conn: redis.Redis, nonce: str) -> None:
+def finish_nonce(conn: redis.Redis, nonce_key: str) -> None:
     """Mark a nonce's task finished (whatever its outcome), keeping its time to live."""
-    conn.set(c.nonce_key(nonce), NONCE_DONE, xx=True, keepttl=True)
+    conn.set(nonce_key, NONCE_DONE, xx=True, keepttl=True)
 
 
 @signals.task_postrun.connect  # type: ignore[untyped-decorator]
 def _finish_task(sender: Any = None, **_: Any) -> None:
     """After a task ran (in the pool child), its nonce becomes ``done``: any later copy is a replay."""
-    signature = getattr(getattr(sender, "request", None), SIG_HEADER, None)
-    if not isinstance(signature, dict) or not isinstance(signature.get("nonce"), str):
+    nonce_key = _nonce_key_of(sender)
+    if nonce_key is None:
         return
-    if signature["nonce"] in _finished_nonces:  # done already, with the result
-        _finished_nonces.discard(signature["nonce"])
+    if nonce_key in _finished_nonces:  # done already, with the result
+        _finished_nonces.discard(nonce_key)
         return
     ledger = _state["ledger"]
     if ledger is None:
@@ -196,6 +204,6 @@ def _finish_task(sender: Any = None, **_: Any) -> None:
 
         ledger = _state["ledger"] = broker.connect(sender.app.conf.broker_url, timeout=5.0)
     try:
-        finish_nonce(ledger, signature["nonce"])
+        finish_nonce(ledger, nonce_key)
     except redis.RedisError as exc:
         log.warning("could not mark nonce done for %s: %s", sender.request.id, exc)

@@ -378,7 +378,7 @@ def verify_message(
 
     ``headers`` are the message headers (with ``xnai_sig``), ``body`` the decoded body, ``queue`` the
     routing key it was delivered on and ``role`` the consuming worker's role. Replay is the caller's
-    check: remember ``constants.nonce_key(nonce)`` for :func:`nonce_ttl_s` seconds. Raises only MessageRejected.
+    check: remember ``constants.nonce_key(role, nonce)`` for :func:`nonce_ttl_s` seconds. Raises only MessageRejected.
     """
     try:
         return _verify_message(keyring, headers, body, queue, now, max_age_s, role)
