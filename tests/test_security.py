@@ -16,13 +16,13 @@ from nacl.signing import SigningKey
 from xnai_tasks import acl, broker, keys
 from xnai_tasks import constants as c
 from xnai_tasks.client import Client, TaskHandle
-from xnai_tasks.errors import ResultSignatureError
+from xnai_tasks.errors import ResultSignatureError, TaskRevokedError, UsageError
 from xnai_tasks.keys import Signer, load_signer
 from xnai_tasks.settings import Settings
 from xnai_tasks.signing import SIG_HEADER
 from xnai_tasks.supervisor import Stack
 
-from support import publish_raw, resend
+from support import publish_raw, resend, run_xnai
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +383,65 @@ def test_another_role_cannot_reset_a_finished_messages_nonce(
         if task_id in line and "succeeded" in line
     ]
     assert len(runs) == 1, runs
+
+
+def test_a_fake_result_published_on_the_channel_is_ignored(
+    stack: Stack, stack_settings: Settings, client: Client
+) -> None:
+    # Given a task the client waits on, slow enough for a forger to answer first
+    handle = client.submit("grok", "echo", value="the real one", delay_s=1.5)
+    # When a role's credential publishes a fake, unsigned FAILURE for it on the result channel
+    cline = broker.connect(acl.connection_url(stack_settings, "cline"))
+    fake = {"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["forged"]}, "task_id": handle.id}
+    for _ in range(3):
+        cline.publish(f"{c.RESULT_KEY_PREFIX}{handle.id}", json.dumps(fake))
+        time.sleep(0.1)
+    cline.close()
+    # Then the client ignores it and returns the real, signed result
+    assert handle.get(timeout=30) == "the real one"
+
+
+def test_a_revoked_task_raises_instead_of_returning_the_error(
+    stack: Stack, control_app: Celery, client: Client
+) -> None:
+    # Given a running task
+    handle = client.submit("grok", "echo", value="never", delay_s=20)
+    time.sleep(1.0)
+    # When the copilot revokes it (a signed control command) and terminates it
+    control_app.control.revoke(handle.id, terminate=True)
+    # Then waiting for it raises, naming the revocation
+    with pytest.raises(TaskRevokedError, match="revoked"):
+        handle.get(timeout=30)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_infinity_are_refused_at_submit(
+    stack: Stack, stack_settings: Settings, client: Client, value: float
+) -> None:
+    # When an argument is not JSON, Then the client refuses before sending anything
+    with pytest.raises(UsageError, match="NaN and infinity are not allowed"):
+        client.submit("grok", "echo", value=value)
+    # And the CLI says so in one line, exit 2
+    done = run_xnai(["submit", "grok", "echo", "--kwargs", '{"value": NaN}'], stack_settings)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "NaN" in done.stderr, done.stderr
+
+
+def test_deep_arguments_are_refused_at_submit_and_by_the_gate(
+    stack: Stack, control_app: Celery, conn: redis.Redis, client: Client, copilot: Signer
+) -> None:
+    # Given arguments nested 900 levels deep, as a legitimate but careless client might send
+    deep: Any = "bottom"
+    for _ in range(900):
+        deep = [deep]
+    # When the client submits them, Then it refuses before sending
+    with pytest.raises(UsageError, match="nest more than"):
+        client.submit("grok", "echo", value=deep)
+    # And a signed message carrying them straight into the queue is refused by the gate, before the pool
+    before = refused_count(conn, "grok", "malformed")
+    publish_raw(control_app, task="grok.echo", queue="grok", signer=copilot, kwargs={"value": deep})
+    deadline = time.monotonic() + 30
+    while refused_count(conn, "grok", "malformed") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # And the worker is still there and working
+    assert client.submit("grok", "echo", value="alive").get(timeout=30) == "alive"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -21,11 +21,13 @@ from xnai_tasks.errors import (
     OverBudgetError,
     RefusedError,
     TaskFailedError,
+    TaskRevokedError,
     TaskTimeoutError,
     UnknownRoleError,
     UnknownTaskError,
 )
 from xnai_tasks.keys import Keyring, SignerSource
+from xnai_tasks.limits import check_arguments
 from xnai_tasks.security import load_agent, signing_as, use_agent
 from xnai_tasks.settings import Settings
 from xnai_tasks.signing import SIG_HEADER, verify_result
@@ -63,6 +65,8 @@ class TaskHandle:
         except (RedisError, OperationalError, OSError) as exc:
             raise BrokerUnreachableError(f"lost the broker while waiting for {self.id}: {exc}") from None
         self._verify()
+        if self._result.state == states.REVOKED:
+            raise TaskRevokedError(f"{self.role}.{self.task} {self.id} was revoked: {_describe(value)}")
         if self._result.failed():
             if type(value).__name__ in REFUSALS:
                 raise RefusedError(f"{self.role}.{self.task} {self.id} refused: {value}")
@@ -114,8 +118,13 @@ class Client:
         return self._catalogue
 
     def submit(self, role: str, task: str, **kwargs: Any) -> TaskHandle:
-        """Enqueue ``ROLE.TASK`` with ``kwargs`` on the role's own queue."""
+        """Enqueue ``ROLE.TASK`` with ``kwargs`` on the role's own queue.
+
+        ``kwargs`` must be plain JSON (no NaN or infinity, not nested deeper than ``limits.MAX_DEPTH``):
+        anything else is refused here with :class:`UsageError`, before anything is sent.
+        """
         self._check(role, task)
+        check_arguments(f"{role}.{task}", kwargs)  # refused here (exit 2), never sent half-signed
         keyring = self._ready()
         assert self._signer is not None  # set by _ready
         try:

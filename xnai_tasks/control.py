@@ -37,7 +37,7 @@ from xnai_tasks import broker
 from xnai_tasks import constants as c
 from xnai_tasks.dead_letters import dead_letter
 from xnai_tasks.errors import MessageRejected, XnaiError
-from xnai_tasks.keys import Keyring, Signer, SignerSource
+from xnai_tasks.keys import Keyring, Signer, SignerSource, shared_keyring
 from xnai_tasks.redaction import scrub, url_password
 from xnai_tasks.signing import SIG_HEADER, sign_control, sign_reply, verify_control, verify_reply
 
@@ -142,8 +142,6 @@ class GatedNode(Node):  # type: ignore[misc]
 
 #: Signers loaded for processes without an agent of their own, per (XNAI_HOME, agent).
 _FALLBACK_SOURCES: dict[tuple[str, str], SignerSource] = {}
-#: Keyrings per XNAI_HOME, for verifying commands and replies.
-_KEYRINGS: dict[Path, Keyring] = {}
 
 
 class SignedMailbox(Mailbox):  # type: ignore[misc]
@@ -174,14 +172,8 @@ class SignedMailbox(Mailbox):  # type: ignore[misc]
             return None
 
     def keyring(self) -> Keyring:
-        """The keyring under the app's XNAI_HOME, loaded once and refreshed when the file changes."""
-        home = Path(str(self._conf("xnai_home")))
-        found = _KEYRINGS.get(home)
-        if found is None:
-            found = _KEYRINGS[home] = Keyring.load(home)
-        else:
-            found.refresh()
-        return found
+        """The keyring under the app's XNAI_HOME."""
+        return shared_keyring(Path(str(self._conf("xnai_home"))))
 
     def gate_for(self, hostname: str) -> ControlGate:
         from xnai_tasks.worker_role import current_role

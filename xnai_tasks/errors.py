@@ -43,6 +43,10 @@ class TaskFailedError(XnaiError):
     exit_code = 4
 
 
+class TaskRevokedError(TaskFailedError):
+    """The task was revoked (cancelled) before it could finish."""
+
+
 class TaskTimeoutError(XnaiError):
     """No result arrived within the timeout. The task may still run."""
 

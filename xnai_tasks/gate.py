@@ -16,7 +16,7 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
-from xnai_tasks import broker
+from xnai_tasks import broker, limits
 from xnai_tasks.dead_letters import dead_letter
 from xnai_tasks.deliveries import WORKER_LOST, DeliveryLedger
 from xnai_tasks.errors import MessageRejected
@@ -84,10 +84,16 @@ class MessageGate:
         if refusal is not None:
             return refusal
         role = str(headers["task"]).split(".", 1)[0]
+        raw = message.body
+        if isinstance(raw, bytes | bytearray | str) and len(raw) > limits.MAX_BODY_BYTES:
+            return Refusal("malformed", f"body is {len(raw)} bytes, more than {limits.MAX_BODY_BYTES}")
         try:
             body = message.decode()
         except Exception as exc:  # any undecodable body is a refusal, never a crash of the consumer
             return Refusal("malformed", f"body does not decode: {type(exc).__name__}")
+        wrapped = limits.MAX_DEPTH + 1  # protocol 2 wraps the arguments in [args, kwargs, embed]
+        if limits.depth(body, wrapped) > wrapped:
+            return Refusal("malformed", f"arguments nest more than {limits.MAX_DEPTH} levels deep")
         try:
             verified = verify_message(
                 self.keyring,

@@ -299,6 +299,17 @@ class SignerSource:
 # ---- operations on the files ----
 
 
+_SHARED_KEYRINGS: dict[Path, Keyring] = {}
+
+
+def shared_keyring(home: Path) -> Keyring:
+    """One keyring per XNAI_HOME for this process (it re-reads its file when the file changes)."""
+    found = _SHARED_KEYRINGS.get(home)
+    if found is None:
+        found = _SHARED_KEYRINGS[home] = Keyring.load(home)
+    return found
+
+
 def init_keys(home: Path, *, agents: Sequence[str] = c.AGENTS, now: float | None = None) -> Keyring:
     """Give every agent without an active key a new key pair and default permissions. Idempotent."""
     at = time.time() if now is None else now

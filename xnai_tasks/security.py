@@ -18,11 +18,12 @@ from typing import Any
 
 import redis
 from celery import current_task, signals, states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, ResultConsumer
 
 from xnai_tasks import constants as c
-from xnai_tasks.keys import SignerSource
-from xnai_tasks.signing import SIG_HEADER, sign_message, sign_result
+from xnai_tasks.errors import ResultSignatureError
+from xnai_tasks.keys import SignerSource, shared_keyring
+from xnai_tasks.signing import SIG_HEADER, sign_message, sign_result, verify_result
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,45 @@ def _sign_outgoing(
     headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key or "")
 
 
+class VerifyingResultConsumer(ResultConsumer):  # type: ignore[misc]
+    """Celery's result consumer, but a published result counts only if its signature is good."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._decode_result = self.backend.decode_authentic
+
+
 class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, but every stored task result carries the producing worker's signature.
 
     When a task's final state is stored, the same pipeline also marks its nonce done (see
     :func:`finish_nonce`), saving the replay ledger a round trip per task.
     """
+
+    ResultConsumer = VerifyingResultConsumer
+
+    def decode_authentic(self, payload: Any) -> Any:
+        """A published (or, after a reconnect, re-read) result, if its signature is good; else "not yet".
+
+        Anyone who may publish on the result channel (every role) could send a fake final state for a task
+        a client waits on; such a message is ignored and the client goes on waiting for the real one.
+        Which role must have signed it is the client's check (:class:`xnai_tasks.client.TaskHandle`).
+        """
+        meta = self.decode(payload)
+        home = self.app.conf.get("xnai_home")
+        if home is not None and isinstance(meta, dict) and meta.get("status") != states.PENDING:
+            try:
+                verify_result(
+                    shared_keyring(Path(str(home))),
+                    task_id=meta.get("task_id"),
+                    status=meta.get("status"),
+                    result=meta.get("result"),
+                    signature=meta.get(SIG_HEADER),
+                )
+            except ResultSignatureError as exc:
+                log.warning("ignored a published result that is not authentic: %s", exc)
+                return {"status": states.PENDING, "result": None, "task_id": meta.get("task_id")}
+        return self.meta_from_decoded(meta)
 
     def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
         source = _state["source"]
