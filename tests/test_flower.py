@@ -7,8 +7,12 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from xnai_tasks.errors import SettingsError
 from xnai_tasks.flower import ensure_credentials
 from xnai_tasks.settings import Settings
 from xnai_tasks.supervisor import Stack
@@ -74,3 +78,14 @@ def test_flower_sees_signed_tasks_and_their_results(stack: Stack, stack_settings
     request.add_header("Authorization", "Basic " + base64.b64encode(creds.basic_auth.encode()).decode())
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200 and b"grok@" in response.read()
+
+
+def test_credentials_readable_by_others_are_refused(tmp_path: Path) -> None:
+    # Given Flower's credentials file made readable by others
+    settings = Settings(home=tmp_path)
+    ensure_credentials(settings)
+    (tmp_path / "flower.json").chmod(0o644)
+    # When Flower's credentials are loaded, Then they are refused in one line that says how to fix it
+    with pytest.raises(SettingsError, match="mode 0644, readable by others: run chmod 600") as err:
+        ensure_credentials(settings)
+    assert "\n" not in str(err.value)

@@ -98,3 +98,54 @@ def test_children_do_not_outlive_a_killed_up(home: Path) -> None:
     # Then its children stop anyway (the kernel signals them when their parent dies)
     _gone, alive = psutil.wait_procs(started, timeout=60)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.cmdline() for p in alive]
+
+
+def test_up_restarts_a_worker_that_dies_and_keeps_the_rest_running(home: Path) -> None:
+    # Given `xnai up` running a curation worker
+    from xnai_tasks.celery_app import create_app
+    from xnai_tasks.supervisor import workers_online
+
+    settings = Settings(home=home, flower_port=free_port(), model_mode="lazy")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xnai_tasks", "up", "--no-flower", "--roles", "curation"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True).start()
+
+    def wait_for(text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                assert proc.poll() is None, "xnai up exited"
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} within {timeout} s")
+
+    app = create_app(settings, main="xnai_test_restart")
+    try:
+        wait_for("xnai up: ready", 120)
+        (worker,) = [p for p in psutil.Process(proc.pid).children() if "worker" in " ".join(p.cmdline())]
+        # When the worker is killed with SIGKILL
+        os.kill(worker.pid, signal.SIGKILL)
+        # Then `xnai up` says so in one line, starts it again, and the role answers again
+        assert "killed by SIGKILL" in wait_for("xnai up: curation exited", 30)
+        wait_for("xnai up: curation restarted", 30)
+        deadline = time.monotonic() + 90
+        while not workers_online(app).get("curation"):
+            assert time.monotonic() < deadline, "the restarted curation worker never answered"
+        assert proc.poll() is None
+        # And a stop signal still stops everything
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        app.close()
+        if proc.poll() is None:
+            proc.kill()

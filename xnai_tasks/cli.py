@@ -41,7 +41,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             if not args.no_flower:
                 print(f"flower    http://127.0.0.1:{settings.flower_port}/", flush=True)
             print("xnai up: ready (Ctrl-C stops everything)", flush=True)
-            stack.run_forever()
+            stack.run_forever(lambda line: print(line, flush=True))
     except StopRequested as stop:
         print(f"xnai up: {stop} received, everything stopped", flush=True)
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import sys
 from dataclasses import dataclass
 
 from xnai_tasks import acl
 from xnai_tasks import constants as c
+from xnai_tasks.errors import SettingsError
 from xnai_tasks.settings import Settings
 
 FLOWER_USER = "xnai"
@@ -31,6 +33,9 @@ def ensure_credentials(settings: Settings) -> tuple[FlowerCredentials, bool]:
     """Load the credentials, creating them (mode 0600) on first use; the flag says they are new."""
     path = settings.home / c.FLOWER_CREDENTIALS
     if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:  # as passwords.json: a credentials file others can read is refused, not used
+            raise SettingsError(f"{path} has mode {mode:04o}, readable by others: run chmod 600 {path}")
         data = json.loads(path.read_text())
         return FlowerCredentials(str(data["user"]), str(data["password"])), False
     creds = FlowerCredentials(FLOWER_USER, secrets.token_urlsafe(18))

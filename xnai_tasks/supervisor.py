@@ -2,7 +2,8 @@
 
 Every child runs in a session of its own, so a signal reaches only this supervisor, which then stops
 each child's whole process group (the Celery pool children included): SIGTERM, then SIGKILL after a
-grace period. Nothing is left behind.
+grace period. Nothing is left behind. A child that exits while the system runs (a worker killed, a
+crash) is started again with backoff, and says so in one line: one process's exit never stops the rest.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 
@@ -32,6 +33,11 @@ from xnai_tasks.settings import Settings
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
+#: A process that dies is started again after RESTART_FIRST_S, doubling while it keeps dying within
+#: RESTART_STABLE_S of its start, up to RESTART_MAX_S (a crash loop costs little and shows in one line each time).
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+RESTART_STABLE_S = 60.0
 _state = {"stop_handlers": False}
 
 
@@ -75,6 +81,7 @@ class Stack:
     flower: bool = True
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
+    restarts: dict[str, Restart] = field(default_factory=dict)
 
     def start(self) -> Stack:
         """Start everything; Redis first, so workers find it. Keys are made on first run."""
@@ -85,13 +92,18 @@ class Stack:
             creds, new = ensure_credentials(self.settings)
             if new:
                 print(f"Flower credentials (shown once, kept in {self.settings.home}): {creds.basic_auth}")
-        env = {**os.environ, **self.settings.to_env()}
         for spec in process_specs(self.roles, flower=self.flower, redis=False):
-            self.children[spec.name] = subprocess.Popen(  # our own interpreter and module
-                spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
-            )
-            log.info("started %s (pid %d)", spec.name, self.children[spec.name].pid)
+            self._spawn(spec)
         return self
+
+    def _spawn(self, spec: ProcessSpec) -> None:
+        env = {**os.environ, **self.settings.to_env()}
+        self.children[spec.name] = subprocess.Popen(  # our own interpreter and module
+            spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
+        )
+        restart = self.restarts.setdefault(spec.name, Restart(spec))
+        restart.started = time.monotonic()
+        log.info("started %s (pid %d)", spec.name, self.children[spec.name].pid)
 
     def wait_workers(self, app: Celery, timeout: float = 120.0) -> dict[str, list[str]]:
         """Wait until every started role has a worker answering ``ping``; return the node names per role."""
@@ -113,11 +125,32 @@ class Stack:
             if proc.poll() is not None:
                 raise ProcessError(f"{name} exited with code {proc.returncode}")
 
-    def run_forever(self) -> None:
-        """Block until a child dies (raises ProcessError) or a stop signal arrives (raises StopRequested)."""
+    def run_forever(self, say: Callable[[str], None] = print) -> None:
+        """Keep every child running until a stop signal arrives (raises StopRequested).
+
+        A child that exits is started again with backoff, and each exit and restart is one line to ``say``.
+        """
         while True:
-            self.check_alive()
+            self.restart_exited(say)
             time.sleep(0.2)
+
+    def restart_exited(self, say: Callable[[str], None]) -> None:
+        """Schedule a restart for each child that exited, and start those whose backoff has passed."""
+        now = time.monotonic()
+        for name, proc in list(self.children.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            restart = self.restarts[name]
+            if restart.due is None:
+                _signal_group(proc, signal.SIGKILL)  # a dead worker's pool children must not linger
+                delay = restart.schedule(now)
+                say(f"xnai up: {name} exited ({_exit_text(code)}); restarting in {delay:.0f} s")
+                log.warning("%s exited (%s); restarting in %.0f s", name, _exit_text(code), delay)
+            elif now >= restart.due:
+                restart.due = None
+                self._spawn(restart.spec)
+                say(f"xnai up: {name} restarted (pid {self.children[name].pid})")
 
     def stop(self) -> None:
         """Stop every child's process group, then Redis. A second signal cannot interrupt it."""
@@ -154,6 +187,32 @@ class Stack:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@dataclass
+class Restart:
+    """When a supervised process was started, and when it is due to start again after it exited."""
+
+    spec: ProcessSpec
+    started: float = 0.0
+    delay: float = 0.0
+    due: float | None = None
+
+    def schedule(self, now: float) -> float:
+        """Set the next start: the first delay after a stable run, else twice the last one (capped)."""
+        stable = now - self.started >= RESTART_STABLE_S
+        self.delay = RESTART_FIRST_S if stable or not self.delay else min(self.delay * 2, RESTART_MAX_S)
+        self.due = now + self.delay
+        return self.delay
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def workers_online(app: Celery, timeout: float = 1.0) -> dict[str, list[str]]:
