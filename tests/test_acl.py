@@ -153,9 +153,10 @@ def test_display_rendering_has_placeholders_and_one_line_per_user() -> None:
     assert lines[0].startswith("user default off")
     assert [line.split()[1] for line in lines[1:]] == list(acl.USERS)
     assert all("#<hash>" in line for line in lines[1:])
-    # Redis 6.2 has no read-only/write-only key patterns: they are left out of its rendering
-    assert "%R~" in text and "%W~" in text
-    assert "%R~" not in acl.render_acl(None, server_version=(6, 2))
+    # Redis 6.2 has no read-only key patterns and no selectors: they are left out of its rendering
+    assert "%R~" in text and " +lpush +llen)" in text  # the copilot's push-only selector on role queues
+    old = acl.render_acl(None, server_version=(6, 2))
+    assert "%R~" not in old and "+lpush +llen)" not in old
 
 
 def test_role_urls_carry_the_users_credentials(home: Path) -> None:
@@ -302,7 +303,14 @@ def test_the_copilot_produces_to_every_queue_but_consumes_only_its_own(
     copilot = clients["copilot"]
     for role in c.WORKER_ROLES:
         copilot.lpush(c.queue_keys(role)[3], "task")
-        for command in (("BRPOP", role, 0.1), ("RPOP", role), ("LRANGE", role, 0, -1)):
+        for command in (
+            ("BRPOP", role, 0.1),
+            ("RPOP", role),
+            ("LRANGE", role, 0, -1),
+            ("LTRIM", role, 0, 0),  # push only: it may not empty or cut a role's queue
+            ("DEL", role),
+            ("RPUSH", role, "x"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 copilot.execute_command(*command)
         assert clients["admin"].llen(c.queue_keys(role)[3]) == 1

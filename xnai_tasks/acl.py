@@ -254,6 +254,7 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
         return ["~*", "&*", "+@all"]
     modern = _is_modern(server_version)
     keys: list[str] = []
+    selectors: list[str] = []
     if user == FLOWER:
         commands = [*FLOWER_COMMANDS, *TRANSACTION_COMMANDS]
         keys += [f"~{k}" for k in control_keys()]
@@ -273,18 +274,22 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
             commands += BANK_COMMANDS
         keys += [f"~{k}" for k in (*role_keys(user), *control_keys(), *result_keys())]
         if user == "copilot":
+            pushed: list[str] = []
             for role in c.ROLES:
                 if role == user:
                     continue
-                # produce: LPUSH needs write access only; BRPOP/RPOP/LRANGE need read access too
-                write = "%W~" if modern else "~"
-                keys += [f"{write}{k}" for k in queue_patterns(c.queue_for(role))]
+                pushed += queue_patterns(c.queue_for(role))
                 keys += [f"~{k}" for k in binding_keys(role)]  # declare the role's binding on publish
+            if modern:  # produce: a selector allows LPUSH (and LLEN, which kombu's declare runs) on role
+                # queues and nothing else there: no pop, no read of messages, no LTRIM or DEL
+                selectors.append("(" + " ".join([*(f"~{k}" for k in pushed), "+lpush", "+llen"]) + ")")
+            else:
+                keys += [f"~{k}" for k in pushed]
         channels = list(worker_channels(db))
     else:
         raise ValueError(f"unknown ACL user {user!r} (users: {', '.join(USERS)})")
     commands = [*_connection_commands(db, server_version), *PUBSUB_COMMANDS, *SCRIPT_COMMANDS, *commands]
-    return [*keys, *(f"&{ch}" for ch in channels), "-@all", *(f"+{cmd}" for cmd in _unique(commands))]
+    return [*keys, *(f"&{ch}" for ch in channels), "-@all", *(f"+{cmd}" for cmd in _unique(commands)), *selectors]
 
 
 def password_hash(password: str) -> str:
