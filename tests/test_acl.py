@@ -299,7 +299,7 @@ def test_the_copilot_produces_to_every_queue_but_consumes_only_its_own(
     server: EmbeddedRedis, clients: dict[str, redis.Redis]
 ) -> None:
     if version_of(server) < (7, 0):
-        pytest.skip("Redis 6.2 has no write-only key patterns: the copilot's role queue access is read-write")
+        pytest.skip("Redis 6.2 has no ACL selectors: the copilot's role queue access is read-write")
     copilot = clients["copilot"]
     for role in c.WORKER_ROLES:
         copilot.lpush(c.queue_keys(role)[3], "task")

@@ -445,3 +445,50 @@ def test_deep_arguments_are_refused_at_submit_and_by_the_gate(
         time.sleep(0.05)
     # And the worker is still there and working
     assert client.submit("grok", "echo", value="alive").get(timeout=30) == "alive"
+
+
+GOOD_ENVELOPE: dict[str, Any] = {
+    "body": "W10=",
+    "content-encoding": "utf-8",
+    "content-type": "application/json",
+    "headers": {},
+    "properties": {"delivery_tag": "t", "body_encoding": "base64", "delivery_info": {}, "priority": 0},
+}
+GARBAGE = {
+    "not JSON": "this is not json",
+    "a list": "[1, 2, 3]",
+    "no properties": json.dumps({"body": "e30=", "headers": {}}),
+    "headers a list": json.dumps({**GOOD_ENVELOPE, "headers": [1, 2]}),
+    "headers a string": json.dumps({**GOOD_ENVELOPE, "headers": "x"}),
+    "body not base64": json.dumps({**GOOD_ENVELOPE, "body": "!!!not base64!!!"}),
+    "10,000 headers": json.dumps({**GOOD_ENVELOPE, "headers": {f"h{i}": i for i in range(10_000)}}),
+    "wrong content type": json.dumps({**GOOD_ENVELOPE, "content-type": "application/x-python-serialize"}),
+    "oversized": json.dumps({**GOOD_ENVELOPE, "body": "A" * (20 * 1024 * 1024)}),
+}
+
+
+def test_garbage_in_a_queue_is_refused_at_the_door_and_disturbs_nothing(
+    stack: Stack, stack_settings: Settings, conn: redis.Redis, client: Client
+) -> None:
+    # Given a task running on cline's worker
+    running = client.submit("cline", "echo", value="undisturbed", delay_s=3)
+    time.sleep(0.5)
+    before = refused_count(conn, "cline", "malformed")
+    # When cline's own credential pushes every kind of malformed item into its queue
+    cline = broker.connect(acl.connection_url(stack_settings, "cline"))
+    for raw in GARBAGE.values():
+        cline.lpush("cline", raw)
+    cline.close()
+    # Then each is refused as malformed and kept, with its reason
+    deadline = time.monotonic() + 60
+    while refused_count(conn, "cline", "malformed") < before + len(GARBAGE):
+        assert time.monotonic() < deadline, refused_count(conn, "cline", "malformed") - before
+        time.sleep(0.1)
+    details = [json.loads(raw)["detail"] for raw in conn.lrange(c.dead_letter_key("cline"), 0, len(GARBAGE) - 1)]
+    for expected in ("not JSON", "JSON list", "no properties", "headers are a list", "headers are a str",
+                     "not base64", "10000 headers", "content type", "bytes, more than"):  # fmt: skip
+        assert any(expected in d for d in details), (expected, details)
+    # And the running task finishes, the worker is still up, and new work runs
+    assert running.get(timeout=30) == "undisturbed"
+    assert stack.children["cline"].poll() is None
+    assert client.submit("cline", "echo", value="after").get(timeout=30) == "after"

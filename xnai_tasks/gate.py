@@ -168,7 +168,16 @@ class MessageGate:
 
 
 class GatedConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer with the message gate in front of every task message."""
+    """Celery's consumer with the message gate in front of every task message.
+
+    Its connection pops queue items through :class:`xnai_tasks.envelope.GuardedChannel`, which refuses
+    an item that is not a well-formed envelope before kombu builds a message of it.
+    """
+
+    def connection_for_read(self, heartbeat: Any = None) -> Any:
+        from xnai_tasks.envelope import guard
+
+        return self.ensure_connected(guard(self.app.connection_for_read(heartbeat=heartbeat)))
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         handle = super().create_task_handler(*args, **kwargs)

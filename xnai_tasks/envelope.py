@@ -1,0 +1,140 @@
+"""The door before the gate: a raw queue item that is not a well-formed kombu envelope never reaches Celery.
+
+Any role can LPUSH anything into its own queue. kombu's Redis channel decodes what it pops and builds a
+message from it; an item that is not JSON, or JSON without the envelope's fields (``properties``, a
+``delivery_tag``, headers as an object, a base64 body), makes kombu raise inside the worker's event loop,
+which stops the worker (and, in older setups, cancelled and restored the task it was running).
+:class:`GuardedChannel` checks each popped item first: a malformed one is refused in one WARNING line,
+counted as ``malformed`` and kept raw in the role's dead-letter list; every other item goes on as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from queue import Empty
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from xnai_tasks import limits
+from xnai_tasks.dead_letters import dead_letter
+
+log = logging.getLogger(__name__)
+
+#: More headers than any Celery message has (protocol 2 uses about 20).
+MAX_HEADERS = 128
+#: The JSON envelope around the largest accepted body (base64 makes it a third bigger).
+MAX_ENVELOPE_BYTES = limits.MAX_BODY_BYTES * 2
+
+
+def envelope_problem(payload: Any) -> str | None:
+    """Why a decoded queue item is not a kombu message envelope a worker can take, or None."""
+    if not isinstance(payload, dict):
+        return f"the envelope is a JSON {type(payload).__name__}, not an object"
+    properties = payload.get("properties")
+    if not isinstance(properties, dict):
+        return "the envelope has no properties object"
+    if not isinstance(properties.get("delivery_tag"), str):
+        return "the envelope has no delivery tag"
+    if not isinstance(properties.get("delivery_info", {}), dict):
+        return "delivery_info is not an object"
+    headers = payload.get("headers")
+    if not isinstance(headers, dict):
+        return f"headers are a {type(headers).__name__}, not an object"
+    if len(headers) > MAX_HEADERS:
+        return f"{len(headers)} headers, more than {MAX_HEADERS}"
+    if payload.get("content-type") != "application/json":
+        return f"content type {str(payload.get('content-type'))[:60]!r} is not application/json"
+    return _body_problem(payload.get("body"), properties.get("body_encoding"))
+
+
+def _body_problem(body: Any, encoding: Any) -> str | None:
+    if not isinstance(body, str):
+        return "the body is not a string"
+    if encoding == "base64":
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return "the body is not base64"
+    elif encoding is not None:
+        return f"unknown body encoding {str(encoding)[:30]!r}"
+    return None
+
+
+class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel, checking each item it pops from a queue before building a message of it."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # reconnect on the next poll, as kombu does
+                raise
+            if not reply:
+                raise Empty()
+            key, item = reply
+            queue = bytes_to_str(key).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            payload = self._admit(queue, item)
+            if payload is not None:
+                self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _admit(self, queue: str, item: bytes) -> Any:
+        """The decoded envelope, or None when it was refused (and dead-lettered)."""
+        text = bytes_to_str(item)
+        if len(text) > MAX_ENVELOPE_BYTES:
+            self._refuse(queue, f"the envelope is {len(text)} bytes, more than {MAX_ENVELOPE_BYTES}", text, {})
+            return None
+        try:
+            payload = json.loads(text)
+        except (ValueError, RecursionError):
+            self._refuse(queue, "the envelope is not JSON", text, {})
+            return None
+        problem = envelope_problem(payload)
+        if problem is not None:
+            headers = payload.get("headers") if isinstance(payload, dict) else None
+            self._refuse(queue, problem, text, headers if isinstance(headers, dict) else {})
+            return None
+        return payload
+
+    def _refuse(self, queue: str, detail: str, raw: str, headers: dict[str, Any]) -> None:
+        task_id = str(headers.get("id", "?"))[:64]
+        log.warning(
+            "refused queue item %s on %s (malformed): %s",
+            task_id,
+            queue,
+            detail,
+            extra={"event": "message_refused", "reason": "malformed", "role": queue, "task_id": task_id},
+        )
+        try:
+            with self.conn_or_acquire() as client:
+                dead_letter(
+                    client,
+                    queue,
+                    reason="malformed",
+                    detail=detail,
+                    task_id=task_id,
+                    headers={k: headers[k] for k in list(headers)[:MAX_HEADERS]},
+                    delivery_info={},
+                    body=raw,
+                )
+        except redis.RedisError as exc:
+            log.warning("could not keep the refused queue item: %s", exc)
+
+
+def guard(connection: Any) -> Any:
+    """Make a kombu connection on the Redis transport use :class:`GuardedChannel`; return it."""
+    transport = connection.transport
+    if isinstance(transport, kombu_redis.Transport):
+        transport.Channel = GuardedChannel
+    return connection
