@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,17 @@ def _sign_outgoing(
     headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key or "")
 
 
+#: Where a result's meta says who signed it, once :meth:`SignedRedisBackend.decode_authentic` checked it.
+VERIFIED = "xnai_verified"
+
+
+@dataclass(frozen=True)
+class VerifiedBy:
+    """The agent whose signature over a result was checked in this process."""
+
+    agent: str
+
+
 class VerifyingResultConsumer(ResultConsumer):  # type: ignore[misc]
     """Celery's result consumer, but a published result counts only if its signature is good."""
 
@@ -132,6 +144,8 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
             except ResultSignatureError as exc:
                 log.warning("ignored a published result that is not authentic: %s", exc)
                 return {"status": states.PENDING, "result": None, "task_id": meta.get("task_id")}
+            # An object no JSON can spell: a stored value cannot claim to have been verified.
+            meta[VERIFIED] = VerifiedBy(str(meta[SIG_HEADER]["agent"]))
         return self.meta_from_decoded(meta)
 
     def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
