@@ -75,6 +75,30 @@ def assert_refused(
     return entry
 
 
+def assert_replay_refused_and_run_once(
+    settings: Settings,
+    app: Celery,
+    conn: redis.Redis,
+    role: str,
+    task_id: str,
+    headers: dict[str, Any],
+    body: Any,
+) -> None:
+    """Send a message that already ran again, as is: it must be refused as a replay, having run once."""
+    before = refused_count(conn, role, "replay")
+    resend(app, role, headers, body)
+    deadline = time.monotonic() + 30
+    while refused_count(conn, role, "replay") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runs = [
+        line
+        for line in (settings.log_dir / c.LOG_FILE).read_text().splitlines()
+        if task_id in line and "succeeded" in line
+    ]
+    assert len(runs) == 1, runs
+
+
 def test_unsigned_message_is_refused(
     stack: Stack, stack_settings: Settings, control_app: Celery, conn: redis.Redis
 ) -> None:
@@ -193,20 +217,8 @@ def test_replayed_message_is_refused_and_runs_once(
     assert AsyncResult(task_id, app=control_app).get(timeout=30) == "once"
     # (its nonce is marked done together with its result)
     assert conn.get(c.nonce_key("cline", headers[SIG_HEADER]["nonce"])) == b"done"
-    before = refused_count(conn, "cline", "replay")
-    # When the captured message is sent again, as is
-    resend(control_app, "cline", headers, body)
-    # Then it is refused as a replay and did not run a second time
-    deadline = time.monotonic() + 30
-    while refused_count(conn, "cline", "replay") == before:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    runs = [
-        line
-        for line in (stack_settings.log_dir / c.LOG_FILE).read_text().splitlines()
-        if task_id in line and "succeeded" in line
-    ]
-    assert len(runs) == 1, runs
+    # When the captured message is sent again, as is, Then it is refused as a replay and did not run twice
+    assert_replay_refused_and_run_once(stack_settings, control_app, conn, "cline", task_id, headers, body)
 
 
 def test_revoked_key_is_refused(stack: Stack, stack_settings: Settings, control_app: Celery, conn: redis.Redis) -> None:
@@ -371,18 +383,7 @@ def test_another_role_cannot_reset_a_finished_messages_nonce(
     cline.close()
     # Then the ledger still says done, and the message sent again is refused as a replay and does not run
     assert conn.get(key) == b"done"
-    before = refused_count(conn, "grok", "replay")
-    resend(control_app, "grok", headers, body)
-    deadline = time.monotonic() + 30
-    while refused_count(conn, "grok", "replay") == before:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    runs = [
-        line
-        for line in (stack_settings.log_dir / c.LOG_FILE).read_text().splitlines()
-        if task_id in line and "succeeded" in line
-    ]
-    assert len(runs) == 1, runs
+    assert_replay_refused_and_run_once(stack_settings, control_app, conn, "grok", task_id, headers, body)
 
 
 def test_a_fake_result_published_on_the_channel_is_ignored(
