@@ -65,6 +65,11 @@ def test_plan_for_applies_model_mode_and_overrides(home: Path) -> None:
         ("XNAI_PLAN", '{"nobody": {}}'),
         ("XNAI_PLAN", '{"grok": {"speed": 3}}'),
         ("XNAI_PLAN", "[1]"),
+        ("XNAI_LLM_SAFE", "maybe"),
+        ("XNAI_LLM_PROBE_TIMEOUT", "1"),
+        ("XNAI_MAX_DELIVERIES", "0"),
+        ("XNAI_TASK_MODULES", "tests/tasks.py"),
+        ("XNAI_LLM_PROBE_RUNNER", "probe runner"),
     ],
 )
 def test_new_settings_name_the_variable(home: Path, name: str, value: str) -> None:
