@@ -8,8 +8,9 @@ Connected to Celery's signals when the app is imported, so ``xnai worker grok`` 
   (:func:`xnai_tasks.plan.plan_for`), pin every thread of the process to the role's CPUs (the pool
   children inherit the mask), set the concurrency when none was given, resolve and verify the models
   (a missing, truncated or wrong-checksum model is one error line and exit code 1, never a crash in a
-  task), then preload them (no inference here: llama.cpp's OpenMP pool would hang the children) and
-  ``gc.freeze()``, or leave them to be loaded lazily in the children.
+  task), probe each LLM in a separate process (:mod:`xnai_tasks.llm_probe`: which load options run on
+  this CPU, or why none does), then preload them (no inference here: llama.cpp's OpenMP pool would hang
+  the children) and ``gc.freeze()``, or leave them to be loaded lazily in the children.
 * ``celeryd_after_setup``: ``gc.freeze()`` once more, right before the pool forks.
 * ``worker_process_init`` (each pool child): llama.cpp and torch threads from the plan.
 
