@@ -34,6 +34,7 @@ from xnai_tasks import broker
 from xnai_tasks import constants as c
 from xnai_tasks.dead_letters import dead_letter
 from xnai_tasks.errors import WorkerLostError
+from xnai_tasks.security import finish_nonce
 from xnai_tasks.settings import Settings
 from xnai_tasks.signing import SIG_HEADER
 
@@ -136,7 +137,7 @@ class DeliveryLedger:
         signature = headers.get(SIG_HEADER)
         nonce = signature.get("nonce") if isinstance(signature, dict) else None
         if isinstance(nonce, str):
-            self.conn.set(c.nonce_key(self.role, nonce), b"done", xx=True, keepttl=True)
+            finish_nonce(self.conn, c.nonce_key(self.role, nonce))
         backend.mark_as_failure(task_id, WorkerLostError(line), request=request)
         log.error(line, extra={"event": "worker_lost", "role": self.role, "task_id": task_id})
 

@@ -20,7 +20,7 @@ from xnai_tasks import broker, limits
 from xnai_tasks.dead_letters import dead_letter
 from xnai_tasks.deliveries import WORKER_LOST, DeliveryLedger
 from xnai_tasks.errors import MessageRejected
-from xnai_tasks.keys import Keyring
+from xnai_tasks.keys import Keyring, shared_keyring
 from xnai_tasks.security import claim_nonce
 from xnai_tasks.settings import Settings
 from xnai_tasks.signing import nonce_ttl_s, verify_message
@@ -185,7 +185,7 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
         gate = MessageGate(
             settings,
             consumed_queues(self.app),
-            Keyring.load(settings.home),
+            shared_keyring(settings.home),
             str(self.app.conf.broker_url),
             backend=self.app.backend,
         )
