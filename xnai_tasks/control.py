@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 CONTROL_AGENTS = frozenset({"copilot"})
 #: Agents that may send commands that only read (ping, stats, active, registered, ...): Flower too.
 INSPECT_AGENTS = frozenset({"copilot", "flower"})
+#: Control commands any inspect agent may send: Flower turns on, every few seconds, the events that the
+#: workers send anyway (refusing it would fill every role's dead letters with noise).
+HARMLESS_CONTROL = frozenset({"enable_events"})
 #: A command older than this is refused (commands are immediate; their replies wait a second or so).
 MAX_AGE_S = 60.0
 
@@ -81,7 +84,7 @@ class ControlGate:
             )
         except MessageRejected as rejected:
             return rejected
-        allowed = CONTROL_AGENTS if kind == "control" else INSPECT_AGENTS
+        allowed = INSPECT_AGENTS if kind == "inspect" or method in HARMLESS_CONTROL else CONTROL_AGENTS
         if verified.agent not in allowed:
             return MessageRejected("not_authorized", f"{verified.agent} may not send the {kind} command {method}")
         key = c.control_nonce_key(self.role, verified.nonce)
