@@ -109,6 +109,8 @@ def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
         "broker_url": url,
         "result_backend": url,
         "broker_transport_options": transport_options(settings, user),
+        # whose result namespace this process writes (xnai_tasks.security.SignedRedisBackend)
+        "xnai_result_role": user if user in c.ROLES else None,
         "result_backend_transport_options": {"retry_policy": {"timeout": 3.0}},
         "redis_socket_connect_timeout": 3,
         "redis_socket_timeout": 30,

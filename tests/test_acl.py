@@ -295,6 +295,46 @@ def test_flower_watches_but_never_consumes_or_produces(server: EmbeddedRedis, cl
     assert flower.get(f"{c.RESULT_KEY_PREFIX}abc") == b"{}"
 
 
+def test_each_role_writes_and_hears_only_its_own_results(
+    server: EmbeddedRedis, clients: dict[str, redis.Redis]
+) -> None:
+    # Given a result in every role's namespace
+    for role in c.ROLES:
+        clients["admin"].set(c.result_key(role, "t1"), role)
+    for role in c.WORKER_ROLES:
+        conn = clients[role]
+        # Then a role reads, writes and publishes its own results ...
+        assert conn.get(c.result_key(role, "t1")) == role.encode()
+        conn.set(c.result_key(role, "t2"), "{}")
+        conn.publish(c.result_key(role, "t2"), "{}")
+        for other in c.ROLES:
+            if other == role:
+                continue
+            # ... and cannot read, overwrite, publish or listen to another role's, nor any group or chord key
+            for command in (
+                ("GET", c.result_key(other, "t1")),
+                ("SET", c.result_key(other, "t1"), "forged"),
+                ("PUBLISH", c.result_key(other, "t1"), "forged"),
+                ("RPUSH", f"{c.GROUP_KEY_PREFIX}g.j", "x"),
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    conn.execute_command(*command)
+            pubsub = conn.pubsub()
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                pubsub.psubscribe(f"{c.RESULT_KEY_PREFIX}*")
+                pubsub.get_message(timeout=2.0)  # the refusal is the subscription's reply
+            pubsub.close()
+    if version_of(server) >= (7, 0):
+        # The copilot reads every role's results and writes only its own (and the chords it joins)
+        copilot = clients["copilot"]
+        assert [copilot.get(c.result_key(role, "t1")) for role in c.ROLES] == [r.encode() for r in c.ROLES]
+        copilot.set(c.result_key("copilot", "t3"), "{}")
+        copilot.rpush(f"{c.GROUP_KEY_PREFIX}g.j", "x")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            copilot.set(c.result_key("cline", "t1"), "forged")
+    assert clients["admin"].get(c.result_key("cline", "t1")) == b"cline"
+
+
 def test_the_copilot_produces_to_every_queue_but_consumes_only_its_own(
     server: EmbeddedRedis, clients: dict[str, redis.Redis]
 ) -> None:

@@ -278,14 +278,14 @@ def test_status_shows_refusals_and_dead_letters(stack: Stack, stack_settings: Se
 # ---- signed results ----
 
 
-def _stored(conn: redis.Redis, task_id: str) -> dict[str, Any]:
-    return dict(json.loads(conn.get(c.RESULT_KEY_PREFIX + task_id) or b"{}"))
+def _stored(conn: redis.Redis, role: str, task_id: str) -> dict[str, Any]:
+    return dict(json.loads(conn.get(c.result_key(role, task_id)) or b"{}"))
 
 
 def test_results_are_signed_by_the_worker(stack: Stack, client: Client, conn: redis.Redis) -> None:
     handle = client.submit("grok", "echo", value={"x": 1})
     assert handle.get(timeout=30) == {"x": 1}
-    meta = _stored(conn, handle.id)
+    meta = _stored(conn, "grok", handle.id)
     assert meta[SIG_HEADER]["agent"] == "grok"
 
 
@@ -296,7 +296,7 @@ def test_forged_results_are_refused_by_the_client(
     # Given a real result in Redis
     handle = client.submit("grok", "echo", value="genuine")
     assert handle.get(timeout=30) == "genuine"
-    meta = _stored(conn, handle.id)
+    meta = _stored(conn, "grok", handle.id)
     # When someone with Redis access changes it
     if forgery == "missing":
         del meta[SIG_HEADER]
@@ -310,7 +310,7 @@ def test_forged_results_are_refused_by_the_client(
         meta[SIG_HEADER] = sign_result(
             load_signer(stack_settings.home, "cline"), task_id=handle.id, status="SUCCESS", result="genuine"
         )
-    conn.set(c.RESULT_KEY_PREFIX + handle.id, json.dumps(meta))
+    conn.set(c.result_key("grok", handle.id), json.dumps(meta))
     # Then a fresh handle on that task refuses the result with a clear error
     fresh = TaskHandle(AsyncResult(handle.id, app=client.app), "grok", "echo", client._ready())
     with pytest.raises(ResultSignatureError, match="not authentic"):
@@ -391,19 +391,22 @@ def test_a_fake_result_published_on_the_channel_is_ignored(
 ) -> None:
     # Given a task the client waits on, slow enough for a forger to answer first
     handle = client.submit("grok", "echo", value="the real one", delay_s=1.5)
-    # When a role's credential publishes a fake, unsigned FAILURE for it on the result channel
+    # When a role's credential publishes a fake, unsigned FAILURE for it on the result channel it may use
     cline = broker.connect(acl.connection_url(stack_settings, "cline"))
     fake = {"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["forged"]}, "task_id": handle.id}
     for _ in range(3):
-        cline.publish(f"{c.RESULT_KEY_PREFIX}{handle.id}", json.dumps(fake))
+        cline.publish(c.result_key("cline", handle.id), json.dumps(fake))
         time.sleep(0.1)
+    # (grok's own channel is closed to it)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        cline.publish(c.result_key("grok", handle.id), json.dumps(fake))
     cline.close()
     # Then the client ignores it and returns the real, signed result
     assert handle.get(timeout=30) == "the real one"
 
 
 def test_a_revoked_task_raises_instead_of_returning_the_error(
-    stack: Stack, control_app: Celery, client: Client
+    stack: Stack, control_app: Celery, client: Client, conn: redis.Redis
 ) -> None:
     # Given a running task
     handle = client.submit("grok", "echo", value="never", delay_s=20)
@@ -413,6 +416,8 @@ def test_a_revoked_task_raises_instead_of_returning_the_error(
     # Then waiting for it raises, naming the revocation
     with pytest.raises(TaskRevokedError, match="revoked"):
         handle.get(timeout=30)
+    # And only grok recorded it: the other workers, which got the same broadcast, wrote nothing
+    assert [role for role in c.ROLES if conn.exists(c.result_key(role, handle.id))] == ["grok"]
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

@@ -200,11 +200,13 @@ def test_a_task_whose_whole_worker_was_killed_comes_back_and_answers(
     while runs_of(runs) < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    replays_before = int(admin.hget(c.refused_counter_key("curation"), "replay") or 0)
     # When the whole worker (parent and pool) is killed with SIGKILL: no process is left to report it
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _waiting(admin, handle.id)
-    # Then a new worker restores it once the visibility timeout has passed, and it answers
+    # Then a new worker restores it once the visibility timeout has passed, and it answers: the restored
+    # copy of a message whose nonce is still "in flight" is not refused as a replay of itself
     proc = start_worker(settings, "curation", concurrency=1, env=WORKER_ENV)
     try:
         wait_online(proc, app, "curation", timeout=120)
@@ -212,6 +214,7 @@ def test_a_task_whose_whole_worker_was_killed_comes_back_and_answers(
     finally:
         stop_worker(proc)
     assert not in_limbo(admin, handle.id)
+    assert int(admin.hget(c.refused_counter_key("curation"), "replay") or 0) == replays_before
 
 
 def test_the_gate_refuses_a_copy_delivered_past_the_cap(

@@ -59,8 +59,8 @@ DEFAULT_NODE_PREFIX: Final = "celery@"
 #: Celery events: a fanout exchange on Redis (PUB/SUB), and the receivers' queue name prefix.
 EVENT_EXCHANGE: Final = "celeryev"
 EVENT_QUEUE_PREFIX: Final = "celeryev."
-#: Celery's Redis result backend: task results, group results and chord counters (``GROUPKEY.j/.t/...``).
-GROUP_KEY_PREFIX: Final = "celery-taskset-meta-"
+#: Celery's Redis result backend: group results and chord counters (``GROUPKEY.j/.t/...``).
+GROUP_KEY_PREFIX: Final = c.GROUP_KEY_PREFIX
 #: Our curation role's memory bank.
 BANK_KEY_PREFIX: Final = f"{c.XNAI_KEY_PREFIX}bank:"
 
@@ -204,7 +204,15 @@ def qos_keys(user: str) -> tuple[str, ...]:
 
 
 def result_keys() -> tuple[str, ...]:
+    """Every task result (each role's namespace) and every group result and chord counter."""
     return (f"{c.RESULT_KEY_PREFIX}*", f"{GROUP_KEY_PREFIX}*")
+
+
+def own_result_keys(user: str) -> tuple[str, ...]:
+    """Results a user writes: a role its own namespace; the copilot also groups and chords (it polls them)."""
+    if user == "copilot":
+        return (c.result_key_pattern(user), f"{GROUP_KEY_PREFIX}*")
+    return (c.result_key_pattern(user),)
 
 
 def role_keys(role: str) -> tuple[str, ...]:
@@ -228,11 +236,15 @@ def role_keys(role: str) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def worker_channels(db: int) -> tuple[str, ...]:
-    """Channels of a worker or the copilot: results, events (and gossip's pattern), broadcast control."""
+def worker_channels(user: str, db: int) -> tuple[str, ...]:
+    """Channels of a worker or the copilot: results, events (and gossip's pattern), broadcast control.
+
+    A role publishes its own results only (and cannot listen to another role's); the copilot, which
+    waits for every role's results, may subscribe to all of them.
+    """
+    results = result_keys() if user == "copilot" else own_result_keys(user)
     return (
-        f"{c.RESULT_KEY_PREFIX}*",
-        f"{GROUP_KEY_PREFIX}*",
+        *results,
         fanout_channel(EVENT_EXCHANGE, db, "*"),  # publish events; PSUBSCRIBE '#' receivers
         fanout_channel(EVENT_EXCHANGE, db, "worker.*"),  # gossip PSUBSCRIBEs this exact pattern
         fanout_channel(PIDBOX_EXCHANGE, db),  # broadcast: control commands, mingle's hello
@@ -272,8 +284,11 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
         commands = [*CONSUME_COMMANDS, *DATA_COMMANDS, *TRANSACTION_COMMANDS]
         if user == "curation":
             commands += BANK_COMMANDS
-        keys += [f"~{k}" for k in (*role_keys(user), *control_keys(), *result_keys())]
+        keys += [f"~{k}" for k in (*role_keys(user), *control_keys(), *own_result_keys(user))]
         if user == "copilot":
+            # every role's results, read-only: the copilot waits for them and polls chords, but a result
+            # in a role's namespace is always that role's own (the memory guard counts it as the role's)
+            keys += [f"{'%R~' if modern else '~'}{k}" for k in result_keys()]
             pushed: list[str] = []
             for role in c.ROLES:
                 if role == user:
@@ -285,7 +300,7 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
                 selectors.append("(" + " ".join([*(f"~{k}" for k in pushed), "+lpush", "+llen"]) + ")")
             else:
                 keys += [f"~{k}" for k in pushed]
-        channels = list(worker_channels(db))
+        channels = list(worker_channels(user, db))
     else:
         raise ValueError(f"unknown ACL user {user!r} (users: {', '.join(USERS)})")
     commands = [*_connection_commands(db, server_version), *PUBSUB_COMMANDS, *SCRIPT_COMMANDS, *commands]
@@ -406,6 +421,7 @@ def apply_role(conf: MutableMapping[str, Any], settings: Settings, role: str) ->
         conf["broker_url"] = with_credentials(settings.broker_url, role, password)
         backend = conf.get("result_backend")  # keeps a custom backend class (``module:Class+socket://``)
         conf["result_backend"] = with_credentials(str(backend), role, password) if backend else conf["broker_url"]
+    conf["xnai_result_role"] = role if role in c.ROLES else None
     options = dict(conf.get("broker_transport_options") or {})
     if role != ADMIN:
         options.update(worker_transport_options(role))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -77,6 +78,30 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
                 server.process.wait()
     except StopRequested:
         pass
+    return 0
+
+
+def cmd_guard(args: argparse.Namespace, settings: Settings) -> int:
+    """The memory guard in the foreground (the Procfile's ``guard`` line)."""
+    from xnai_tasks import acl, broker
+    from xnai_tasks.keys import shared_keyring
+    from xnai_tasks.logs import setup_logging
+    from xnai_tasks.memory_guard import MemoryGuard
+    from xnai_tasks.supervisor import StopRequested, raise_on_stop_signals
+
+    if not settings.embedded:
+        raise UsageError("XNAI_REDIS_URL is set: the memory guard watches the embedded Redis only")
+    raise_on_stop_signals()
+    setup_logging(settings)
+    admin = broker.connect(acl.connection_url(settings, acl.ADMIN))
+    guard = MemoryGuard(
+        admin,
+        shared_keyring(settings.home),
+        max_message_age=settings.max_message_age,
+        say=lambda line: print(line, flush=True),
+    )
+    with contextlib.suppress(StopRequested):
+        guard.run_forever()
     return 0
 
 
@@ -158,9 +183,16 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
-    """Print the Redis ACL rules (with this home's password hashes when asked)."""
+    """Print the Redis ACL rules (with this home's password hashes when asked), or unlock a locked-out role."""
     from xnai_tasks import acl
 
+    if args.action == "unlock":
+        from xnai_tasks.memory_guard import unlock
+
+        role = _role(args.role or "")
+        was = unlock(settings, role)
+        print(f"unlocked {role}" + (f" (it was locked: {was})" if was else " (it was not locked)"))
+        return 0
     passwords = acl.ensure_passwords(settings.home) if args.hashes else None
     try:
         major, minor = (int(part) for part in args.redis_version.split(".")[:2])
@@ -215,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redis", help="run the embedded Redis in the foreground")
     p.set_defaults(func=cmd_redis)
 
+    p = sub.add_parser("guard", help="run the memory guard of the embedded Redis in the foreground")
+    p.set_defaults(func=cmd_guard)
+
     p = sub.add_parser("flower", help="run Flower on 127.0.0.1 with basic auth")
     p.set_defaults(func=cmd_flower)
 
@@ -256,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("acl", help="Redis ACL users of the roles")
-    p.add_argument("action", choices=["render"])
+    p.add_argument("action", choices=["render", "unlock"])
+    p.add_argument("role", nargs="?", help="unlock: the role the memory guard locked out")
     p.add_argument("--hashes", action="store_true", help="fill in the SHA-256 hashes of this home's passwords")
     p.add_argument("--redis-version", default="7.0", help="render for this Redis version (6.2 has no %%R~/%%W~)")
     p.set_defaults(func=cmd_acl)

@@ -11,6 +11,7 @@ from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from kombu.utils.uuid import uuid
 from redis import RedisError
 
 from xnai_tasks import broker
@@ -130,10 +131,13 @@ class Client:
         check_arguments(f"{role}.{task}", kwargs)  # refused here (exit 2), never sent half-signed
         keyring = self._ready()
         assert self._signer is not None  # set by _ready
+        task_id = uuid()
+        self._expect(task_id, role)  # before sending: the result consumer subscribes while it sends
         try:
             with signing_as(self._signer):
                 result = self.app.send_task(
                     c.task_name(role, task),
+                    task_id=task_id,
                     kwargs=kwargs,
                     queue=c.queue_for(role),
                     routing_key=role,
@@ -147,7 +151,9 @@ class Client:
     def handle(self, task_id: str, role: str, task: str) -> TaskHandle:
         """A handle on a task submitted elsewhere (by id), to wait for its verified result."""
         self._check(role, task)
-        return TaskHandle(self.app.AsyncResult(task_id), role, task, self._ready())
+        keyring = self._ready()
+        self._expect(task_id, role)
+        return TaskHandle(self.app.AsyncResult(task_id), role, task, keyring)
 
     @contextmanager
     def signing(self) -> Iterator[None]:
@@ -169,8 +175,16 @@ class Client:
             self._keyring = Keyring.load(self.settings.home)
         return self._keyring
 
+    def _expect(self, task_id: str, role: str) -> None:
+        expect = getattr(self.app.backend, "expect", None)
+        if expect is not None:  # our signed backend: read the result where the role stores it
+            expect(task_id, role)
+
     def close(self) -> None:
-        """Release broker and backend connections."""
+        """Release broker and backend connections (handles collected later no longer talk to Redis)."""
+        consumer = getattr(self.app.backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.stop()
         self.app.close()
 
     def _check(self, role: str, task: str) -> None:

@@ -24,6 +24,18 @@ def task_name(role: str, task: str) -> str:
     return f"{role}.{task}"
 
 
+#: Celery's own tasks that run on a role's queue: the copilot polls chords (see security.SignedRedisBackend).
+BUILTIN_TASK_ROLES: Final = {"celery.chord_unlock": "copilot"}
+
+
+def role_of_task(name: str) -> str:
+    """The role a task name belongs to: the prefix of ``ROLE.TASK`` (``""`` when it names none)."""
+    if name in BUILTIN_TASK_ROLES:
+        return BUILTIN_TASK_ROLES[name]
+    prefix, dot, _ = name.partition(".")
+    return prefix if dot else ""
+
+
 def worker_hostname(role: str) -> str:
     """Celery node name of a role worker; ``%h`` is expanded by Celery to the host name."""
     return f"{role}@%h"
@@ -38,6 +50,8 @@ KOMBU_PRIORITY_STEPS: Final = (0, 3, 6, 9)
 KOMBU_BINDING_PREFIX: Final = "_kombu.binding."
 #: Celery result keys.
 RESULT_KEY_PREFIX: Final = "celery-task-meta-"
+#: Celery group results and chord counters (written by the copilot only).
+GROUP_KEY_PREFIX: Final = "celery-taskset-meta-"
 #: Our own keys all start here.
 XNAI_KEY_PREFIX: Final = "xnai:"
 
@@ -45,6 +59,20 @@ XNAI_KEY_PREFIX: Final = "xnai:"
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists kombu uses for one queue, one per priority step."""
     return [queue if p == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
+
+
+def result_key(role: str, task_id: str) -> str:
+    """Where ``role``'s worker stores a task's result (and the channel it publishes it on).
+
+    One namespace per role, so a role's ACL lets it write its own results and nothing else: it can
+    neither overwrite nor read another role's, and the memory guard knows whose every result is.
+    """
+    return f"{RESULT_KEY_PREFIX}{role}-{task_id}"
+
+
+def result_key_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`result_key` of a role."""
+    return f"{RESULT_KEY_PREFIX}{role}-*"
 
 
 def unacked_key(role: str) -> str:
@@ -165,3 +193,8 @@ def control_nonce_key(role: str, nonce: str) -> str:
 def control_nonce_pattern(role: str) -> str:
     """The ACL pattern of every :func:`control_nonce_key` of a role."""
     return f"{XNAI_KEY_PREFIX}ctl:{role}:*"
+
+
+def guard_locks_key() -> str:
+    """Hash of the roles the memory guard locked out of Redis (role -> JSON: reason, time); admin only."""
+    return f"{XNAI_KEY_PREFIX}guard:locks"

@@ -191,7 +191,7 @@ class LostWorkerRequest(Request):  # type: ignore[misc]
         return None
 
     def _ledger(self) -> DeliveryLedger:
-        role = str(self.task_name).split(".", 1)[0]
+        role = c.role_of_task(str(self.task_name))
         if role not in self.ledgers:
             self.ledgers[role] = make_ledger(Settings.from_env(), str(self.app.conf.broker_url), role)
         return self.ledgers[role]

@@ -17,6 +17,7 @@ from celery.worker.consumer import Consumer
 from kombu.message import Message
 
 from xnai_tasks import broker, limits
+from xnai_tasks import constants as c
 from xnai_tasks.dead_letters import dead_letter
 from xnai_tasks.deliveries import WORKER_LOST, DeliveryLedger
 from xnai_tasks.errors import MessageRejected
@@ -41,7 +42,7 @@ def check_role(headers: dict[str, Any], queues: frozenset[str]) -> Refusal | Non
     task = headers.get("task")
     if not isinstance(task, str) or "." not in task:
         return Refusal("malformed", "no task name in the headers")
-    role = task.split(".", 1)[0]
+    role = c.role_of_task(task)
     if role not in queues:
         return Refusal("wrong_queue", f"task {task} does not belong to the queue(s) {', '.join(sorted(queues))}")
     return None
@@ -83,7 +84,7 @@ class MessageGate:
         refusal = check_role(headers, self.queues)
         if refusal is not None:
             return refusal
-        role = str(headers["task"]).split(".", 1)[0]
+        role = c.role_of_task(str(headers["task"]))
         raw = message.body
         if isinstance(raw, bytes | bytearray | str) and len(raw) > limits.MAX_BODY_BYTES:
             return Refusal("malformed", f"body is {len(raw)} bytes, more than {limits.MAX_BODY_BYTES}")
@@ -206,7 +207,7 @@ def consumed_queues(app: Any) -> frozenset[str]:
 
 def _role_of(headers: dict[str, Any], queues: frozenset[str]) -> str:
     task = headers.get("task")
-    role = task.split(".", 1)[0] if isinstance(task, str) else ""
+    role = c.role_of_task(task) if isinstance(task, str) else ""
     if role in queues:
         return role
     return sorted(queues)[0] if len(queues) == 1 else "unknown"

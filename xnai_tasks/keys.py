@@ -238,8 +238,8 @@ class Keyring:
 
     def is_authorized(self, agent: str, task_name: str, role: str) -> bool:
         """May ``agent`` dispatch ``task_name`` (``ROLE.TASK``) to ``role``? The prefix must be ``role``."""
-        task_role, dot, task = task_name.partition(".")
-        if not dot or not task or task_role != role:
+        task = task_name.partition(".")[2]
+        if not task or c.role_of_task(task_name) != role:
             return False
         grants = self._state.grants.get(agent)
         if not grants:

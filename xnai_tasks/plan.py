@@ -114,6 +114,8 @@ class Plan:
     roles: dict[str, RolePlan] = field(default_factory=dict)
     #: True when no CPU was left outside the reserve and the roles share all CPUs.
     shares_reserved: bool = False
+    #: The embedded Redis' ``maxmemory`` (see :func:`redis_memory_cap`; XNAI_REDIS_MAXMEMORY_MB overrides).
+    redis_maxmemory_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -133,6 +135,7 @@ class Plan:
             reserved_cpus=list(data["reserved_cpus"]),
             roles=roles,
             shares_reserved=bool(data.get("shares_reserved", False)),
+            redis_maxmemory_bytes=int(data.get("redis_maxmemory_bytes", 0)),
         )
 
 
@@ -152,6 +155,7 @@ def make_plan(
     *,
     llm_bytes: int = DEFAULT_LLM_BYTES,
     encoder_bytes: int = DEFAULT_ENCODER_BYTES,
+    redis_maxmemory_bytes: int | None = None,
 ) -> Plan:
     """Split the host among the roles; ``llm_bytes``/``encoder_bytes`` are the models' RAM footprints."""
     if reserved_cores < 0:
@@ -187,7 +191,22 @@ def make_plan(
             ram_share_bytes=override.get("ram_share_bytes", shares[role]),
         )
         _check_role(roles[role])
-    return Plan(host=host, reserved_cpus=reserved, roles=roles, shares_reserved=shares_reserved)
+    return Plan(
+        host=host,
+        reserved_cpus=reserved,
+        roles=roles,
+        shares_reserved=shares_reserved,
+        redis_maxmemory_bytes=redis_maxmemory_bytes or redis_memory_cap(host),
+    )
+
+
+def redis_memory_cap(host: Host) -> int:
+    """Redis' share of the host: 5% of RAM, at least 256 MiB and at most 2 GiB.
+
+    Results expire after a day and the guard (xnai_tasks.memory_guard) keeps any one role below a quarter
+    of it, so the cap bounds what a flood can take from the models, and what a role can take from the rest.
+    """
+    return int(min(2 * GiB, max(256 * MiB, host.ram_bytes * 0.05)))
 
 
 def _split_reserved(host: Host, reserved_cores: int) -> tuple[list[int], list[int]]:
@@ -337,6 +356,7 @@ def plan_for(settings: Settings, host: Host | None = None) -> Plan:
             overrides,
             llm_bytes=footprints["gguf"],
             encoder_bytes=footprints["encoder"],
+            redis_maxmemory_bytes=(settings.redis_maxmemory_mb or 0) * MiB or None,
         )
     except SettingsError as exc:
         if settings.plan_overrides is not None and str(exc).startswith("plan"):
@@ -375,6 +395,7 @@ def format_plan(plan: Plan) -> str:
             f"{role.role:10}{role.processes:>10}{role.threads_per_process:>9}  {_cpu_list(role.cpus):12}"
             f"{role.model_mode:>9}  {role.ram_share_bytes / MiB:.0f} MiB"
         )
+    lines.append(f"redis: maxmemory {plan.redis_maxmemory_bytes / MiB:.0f} MiB")
     return "\n".join(lines)
 
 

@@ -64,6 +64,8 @@ def server_version(binary: str) -> tuple[int, int]:
 
 def render_config(settings: Settings, acl_file: Path | None = None) -> str:
     """The redis.conf of the embedded server."""
+    from xnai_tasks.plan import plan_for  # the plan reads the model manifest
+
     lines = [
         "port 0",
         f"unixsocket {settings.redis_socket}",
@@ -75,7 +77,12 @@ def render_config(settings: Settings, acl_file: Path | None = None) -> str:
         "appendonly yes",
         "appendfsync everysec",
         'save ""',
+        # a cap from the plan, nothing evicted (a result or nonce dropped would be lost work or a replay);
+        # the memory guard keeps any one role well below it, and no single value or pending command is huge
+        f"maxmemory {plan_for(settings).redis_maxmemory_bytes}",
         "maxmemory-policy noeviction",
+        "proto-max-bulk-len 32mb",
+        "client-query-buffer-limit 64mb",
         "loglevel notice",
     ]
     if acl_file is not None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -107,21 +108,128 @@ class VerifiedBy:
 
 
 class VerifyingResultConsumer(ResultConsumer):  # type: ignore[misc]
-    """Celery's result consumer, but a published result counts only if its signature is good."""
+    """Celery's result consumer, but a published result counts only if its signature is good, and it
+    listens on every role's channel of a task a reader waits for (see :meth:`SignedRedisBackend.result_keys`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._decode_result = self.backend.decode_authentic
+        self._stopped = False
+
+    def _consume_from(self, task_id: Any) -> None:
+        for key in self.backend.result_keys(task_id):
+            self._pending_unsubscribe.discard(key)
+            if key not in self.subscribed_to:
+                self.subscribed_to.add(key)
+                with self.reconnect_on_error():
+                    self._pubsub.subscribe(key)
+
+    def cancel_for(self, task_id: Any) -> None:
+        keys = self.backend.result_keys(task_id)
+        if self._stopped:  # a handle collected after its client closed: nothing to tell a server gone
+            self.subscribed_to.difference_update(keys)
+            return
+        self._pending_unsubscribe.update(keys)
+        self._flush_pending_unsubscribe()
+
+    def stop(self) -> None:
+        self._stopped = True
+        super().stop()
+
+
+#: Task ids a client remembers the role of (the oldest are forgotten first; they are then read in every namespace).
+EXPECTED_MAX = 100_000
 
 
 class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, but every stored task result carries the producing worker's signature.
+
+    Each role stores its results in a namespace of its own (:func:`xnai_tasks.constants.result_key`),
+    the only result keys its ACL lets it write; the copilot (and a client, Flower, the operator) reads
+    every role's. A role keeps no chord counters: chords are joined by the copilot, which polls their
+    header results (Celery's ``celery.chord_unlock``, sent to the copilot's queue).
 
     When a task's final state is stored, the same pipeline also marks its nonce done (see
     :func:`finish_nonce`), saving the replay ledger a round trip per task.
     """
 
     ResultConsumer = VerifyingResultConsumer
+
+    @property
+    def writer_role(self) -> str:
+        """The role whose namespace this process stores results in (the copilot's unless it is a role worker)."""
+        role = self.app.conf.get("xnai_result_role")
+        return str(role) if role in c.ROLES else "copilot"
+
+    @property
+    def reads_every_role(self) -> bool:
+        """A role worker reads only its own results (its ACL allows no more); everyone else reads all."""
+        return self.writer_role not in c.WORKER_ROLES
+
+    def get_key_for_task(self, task_id: Any, key: Any = "") -> str:
+        """The key this process stores a task's result under: in its own role's namespace."""
+        if not task_id:
+            raise ValueError(f"task_id must not be empty. Got {task_id} instead.")
+        return c.result_key(self.writer_role, _text(task_id)) + _text(key)
+
+    def expect(self, task_id: str, role: str) -> None:
+        """Read ``task_id``'s result from ``role``'s namespace only (a client knows where it sent a task)."""
+        expected = self._expected
+        expected[task_id] = role
+        while len(expected) > EXPECTED_MAX:
+            del expected[next(iter(expected))]
+
+    @cached_property
+    def _expected(self) -> dict[str, str]:
+        return {}
+
+    def result_keys(self, task_id: Any) -> list[str]:
+        """Every key a result of ``task_id`` may be stored under that this process may read."""
+        if not self.reads_every_role:
+            return [self.get_key_for_task(task_id)]
+        role = self._expected.get(_text(task_id))
+        if role is not None:
+            return [c.result_key(role, _text(task_id))]
+        return [c.result_key(role, _text(task_id)) for role in c.ROLES]
+
+    def mark_as_revoked(
+        self, task_id: Any, reason: str = "", request: Any = None, store_result: bool = True, state: str = "REVOKED"
+    ) -> Any:
+        """Celery's remote ``revoke`` marks a task it does not run revoked from every worker; here only the
+        worker whose request it is records it (when it runs or receives the message), in its own namespace."""
+        return super().mark_as_revoked(
+            task_id, reason, request=request, store_result=store_result and request is not None, state=state
+        )
+
+    def get(self, key: Any) -> Any:
+        return self.mget([key])[0]
+
+    def mget(self, keys: Any) -> list[Any]:
+        """Celery reads a task's result by its own key: a reader looks in every role's namespace."""
+        keys = list(keys)
+        own = c.result_key(self.writer_role, "")
+        if not self.reads_every_role or not any(_text(k).startswith(own) for k in keys):
+            return list(super().mget(keys))
+        wanted = [self.result_keys(_text(k)[len(own) :]) if _text(k).startswith(own) else [k] for k in keys]
+        values = iter(super().mget([k for group in wanted for k in group]))
+        return [_latest([next(values) for _ in group]) for group in wanted]
+
+    def set_chord_size(self, group_id: Any, chord_size: int) -> None:
+        """No counters: the copilot's polling needs none (see :meth:`apply_chord`)."""
+
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """Join the chord by polling from the copilot's queue, so role workers never write chord keys."""
+        self.ensure_chords_allowed()
+        header_result = self.app.GroupResult(*header_result_args)
+        countdown = kwargs.pop("countdown", 1) or 1
+        kwargs["result"] = [r.as_tuple() for r in header_result]
+        copilot = c.queue_for("copilot")
+        self.app.tasks["celery.chord_unlock"].apply_async(
+            (header_result.id, body), kwargs, countdown=countdown, queue=copilot, routing_key=copilot
+        )
+
+    def on_chord_part_return(self, request: Any, state: Any, result: Any, **kwargs: Any) -> None:
+        """Nothing to count: the copilot polls the header's results."""
 
     def decode_authentic(self, payload: Any) -> Any:
         """A published (or, after a reconnect, re-read) result, if its signature is good; else "not yet".
@@ -187,6 +295,22 @@ _finishing.nonce = None
 _finished_nonces: set[str] = set()
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _latest(values: list[Any]) -> Any:
+    """Of one task's results in several namespaces (only one, unless a role misbehaves): a final one first."""
+    present = [v for v in values if v is not None]
+    for value in present:
+        try:
+            if json.loads(value).get("status") in states.READY_STATES:
+                return value
+        except (ValueError, AttributeError):
+            continue
+    return present[0] if present else None
+
+
 def _running_nonce_key(task_id: str) -> str | None:
     """The ledger key of the nonce of the task this process is running, if ``task_id`` is that task."""
     task = current_task
@@ -203,7 +327,7 @@ def _nonce_key_of(task: Any) -> str | None:
     name = getattr(task, "name", None)
     if not isinstance(nonce, str) or not isinstance(name, str):
         return None
-    return c.nonce_key(name.split(".", 1)[0], nonce)
+    return c.nonce_key(c.role_of_task(name), nonce)
 
 
 def result_backend_url(broker_url: str) -> str:

@@ -57,6 +57,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_LLM_PROBE_TIMEOUT", "120", "seconds one LLM probe (load and a short generation) may take"),
     Variable("XNAI_MAX_DELIVERIES", "3", "times a message whose worker process died running it is delivered at most"),
     Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
+    Variable("XNAI_REDIS_MAXMEMORY_MB", "(plan)", "the embedded Redis' memory cap, MiB (plan: 5% of RAM, 256-2048)"),
     Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.probe_runner", "module the LLM probe runs (for diagnostics)"),
 )
 
@@ -90,6 +91,7 @@ class Settings:
     #: Extra modules of ``ROLE.*`` tasks every app built on these settings imports.
     task_modules: tuple[str, ...] = ()
     llm_probe_runner: str = "xnai_tasks.probe_runner"
+    redis_maxmemory_mb: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -117,6 +119,9 @@ class Settings:
             max_deliveries=_int(env, "XNAI_MAX_DELIVERIES", 3, 1, 100),
             task_modules=_modules(env, "XNAI_TASK_MODULES"),
             llm_probe_runner=(_modules(env, "XNAI_LLM_PROBE_RUNNER") or ("xnai_tasks.probe_runner",))[0],
+            redis_maxmemory_mb=_optional(
+                env, "XNAI_REDIS_MAXMEMORY_MB", _bounded("XNAI_REDIS_MAXMEMORY_MB", 32, 1 << 20)
+            ),
         )
         if settings.visibility_timeout <= settings.task_time_limit:
             raise SettingsError(
@@ -151,6 +156,7 @@ class Settings:
             env["XNAI_TASK_MODULES"] = ",".join(self.task_modules)
         optional = {
             "XNAI_REDIS_URL": self.redis_url,
+            "XNAI_REDIS_MAXMEMORY_MB": None if self.redis_maxmemory_mb is None else str(self.redis_maxmemory_mb),
             "XNAI_LLM_MODEL": self.llm_model,
             "XNAI_ENCODER_MODEL": self.encoder_model,
             "XNAI_MODEL_RAM_MB": self.model_ram_mb,

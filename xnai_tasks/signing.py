@@ -286,8 +286,8 @@ def _usable_key(keyring: Keyring, kid: str, agent: str, now: float) -> tuple[Key
 def _check_route(sig: _Sig, task: str, queue: str, role: str) -> None:
     if sig.queue != queue:
         raise MessageRejected(Reason.WRONG_QUEUE, f"signed for queue {_show(sig.queue)}, delivered on {_show(queue)}")
-    task_role, dot, short = task.partition(".")
-    if not dot or not short or task_role != role or queue != c.queue_for(role):
+    short = task.partition(".")[2]
+    if not short or c.role_of_task(task) != role or queue != c.queue_for(role):
         raise MessageRejected(
             Reason.WRONG_QUEUE, f"task {_show(task)} does not belong on queue {_show(queue)} of role {role}"
         )

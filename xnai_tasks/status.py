@@ -10,6 +10,7 @@ import redis
 
 from xnai_tasks import acl, broker
 from xnai_tasks import constants as c
+from xnai_tasks.memory_guard import current_locks
 from xnai_tasks.settings import Settings
 
 
@@ -34,6 +35,10 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             }
             for role in c.ROLES
         }
+        locks = current_locks(conn)
+        for role, reason in locks.items():
+            if role in roles:
+                roles[role]["locked"] = reason
     finally:
         conn.close()
         app.close()
@@ -51,6 +56,7 @@ def format_status(status: dict[str, Any]) -> str:
     for role, info in status["roles"].items():
         workers = ", ".join(info["workers"]) or "-"
         lines.append(f"{role:10}{info['queued']:>8}{sum(info['refused'].values()):>9}  {workers}")
+    lines += _lock_lines(status)
     for role, info in status["roles"].items():
         if info["refused"]:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(info["refused"].items()))
@@ -68,6 +74,14 @@ def format_status(status: dict[str, Any]) -> str:
             if line is not None:
                 lines.append(line)
     return "\n".join(lines)
+
+
+def _lock_lines(status: dict[str, Any]) -> list[str]:
+    return [
+        f"{role} is locked out of Redis by the memory guard: {info['locked']} (xnai acl unlock {role})"
+        for role, info in status["roles"].items()
+        if info.get("locked")
+    ]
 
 
 #: ``xnai status`` counts worker-process deaths over this window.

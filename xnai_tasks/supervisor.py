@@ -55,9 +55,16 @@ class ProcessSpec:
         return [sys.executable, "-m", "xnai_tasks", *self.args]
 
 
-def process_specs(roles: tuple[str, ...] = c.ROLES, *, flower: bool = True, redis: bool = True) -> list[ProcessSpec]:
-    """The processes of the system, in start order. The Procfile is this list with every option on."""
+def process_specs(
+    roles: tuple[str, ...] = c.ROLES, *, flower: bool = True, redis: bool = True, guard: bool = True
+) -> list[ProcessSpec]:
+    """The processes of the system, in start order. The Procfile is this list with every option on.
+
+    The memory guard (:mod:`xnai_tasks.memory_guard`) watches the embedded Redis; it has no use on an external one.
+    """
     specs = [ProcessSpec("redis", ("redis",))] if redis else []
+    if guard:
+        specs.append(ProcessSpec("guard", ("guard",)))
     for role in c.ROLES:
         if role in roles:
             extra = ("--beat",) if role == "copilot" else ()
@@ -92,7 +99,7 @@ class Stack:
             creds, new = ensure_credentials(self.settings)
             if new:
                 print(f"Flower credentials (shown once, kept in {self.settings.home}): {creds.basic_auth}")
-        for spec in process_specs(self.roles, flower=self.flower, redis=False):
+        for spec in process_specs(self.roles, flower=self.flower, redis=False, guard=self.settings.embedded):
             self._spawn(spec)
         return self
 

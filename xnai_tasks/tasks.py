@@ -36,7 +36,7 @@ class RoleTask(Task):  # type: ignore[misc]
     @property
     def role(self) -> str:
         """The role this task belongs to: the prefix of its name."""
-        return str(self.name).split(".", 1)[0]
+        return c.role_of_task(str(self.name))
 
 
 def role_task(role: str, **options: Any) -> Callable[[F], F]:
