@@ -19,12 +19,13 @@ from xnai_tasks import acl, broker
 from xnai_tasks import constants as c
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client import Client
-from xnai_tasks.memory_guard import owner_of
+from xnai_tasks.keys import load_signer, shared_keyring
+from xnai_tasks.memory_guard import MemoryGuard, owner_of
 from xnai_tasks.settings import Settings
 from xnai_tasks.status import collect_status, format_status
 from xnai_tasks.supervisor import Stack
 
-from support import run_xnai, short_home
+from support import publish_raw, run_xnai, short_home
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +148,39 @@ def test_unlocking_needs_a_role_name() -> None:
     # Given no role name, When unlocking, Then a usage error (exit 2) says what is missing
     done = run_xnai(["acl", "unlock"])
     assert done.returncode == 2 and "unknown role ''" in done.stderr
+
+
+def test_the_copilots_backlog_is_not_a_roles_flood(
+    private_stack: Stack, private_settings: Settings, private_app: Celery
+) -> None:
+    # Given 24 MiB of genuine copilot messages waiting in cline's queue (no cline worker runs here)
+    admin = broker.connect(acl.connection_url(private_settings, acl.ADMIN))
+    said: list[str] = []
+    guard = MemoryGuard(
+        admin, shared_keyring(private_settings.home), max_message_age=private_settings.max_message_age, say=said.append
+    )
+    copilot = load_signer(private_settings.home, "copilot")
+    sent = [
+        publish_raw(private_app, task="cline.echo", queue="cline", kwargs={"value": "x" * 2**20}, signer=copilot)
+        for _ in range(24)
+    ]
+    cap = int(admin.config_get("maxmemory")["maxmemory"])
+    try:
+        # When Redis is under pressure (its cap lowered to just above what it holds)
+        admin.config_set("maxmemory", int(int(admin.info("memory")["used_memory"]) * 1.3))
+        locks = guard.check_once()
+        # Then the backlog counts as the copilot's: nobody is locked out, and the guard says who holds what
+        assert locks == [] and "off" not in admin.acl_getuser("cline")["flags"]
+        assert said and "the most copilot's" in said[-1], said
+        # But one copy of a message already in the queue makes it a flood of cline's own
+        cline = broker.connect(acl.connection_url(private_settings, "cline"))
+        cline.lpush("cline", admin.lindex("cline", 0) or b"")
+        cline.close()
+        assert guard.measure(sample=False).top()[0] == "cline"
+    finally:
+        admin.config_set("maxmemory", cap)
+        admin.delete("cline")
+        admin.hdel(c.guard_locks_key(), "cline")
+        admin.execute_command("ACL", "SETUSER", "cline", "on")
+        admin.close()
+    assert len(sent) == 24

@@ -240,9 +240,12 @@ class MemoryGuard:
         """Does the role's queue hold anything but fresh messages the copilot signed, each once?"""
         queue = c.queue_for(role)
         half = QUEUE_SAMPLE // 2
-        entries = [*self.admin.lrange(queue, 0, half - 1), *self.admin.lrange(queue, -half, -1)]
+        if int(self.admin.llen(queue)) <= QUEUE_SAMPLE:
+            entries = list(self.admin.lrange(queue, 0, -1))
+        else:  # the newest and the oldest
+            entries = [*self.admin.lrange(queue, 0, half - 1), *self.admin.lrange(queue, -half, -1)]
         nonces: set[str] = set()
-        for raw in dict.fromkeys(entries):  # the two ends overlap in a short queue
+        for raw in entries:
             nonce = self._copilot_nonce(raw, role)
             if nonce is None or nonce in nonces or self.admin.exists(c.nonce_key(role, nonce)):
                 return True
