@@ -29,7 +29,7 @@ from support import publish_raw, run_xnai, short_home
 
 pytestmark = pytest.mark.slow
 
-CAP_MB = 160
+CAP_MB = 256
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,7 @@ def test_the_copilots_backlog_is_not_a_roles_flood(
     finally:
         admin.config_set("maxmemory", cap)
         admin.delete("cline")
+        time.sleep(0.5)  # the stack's own guard may have seen the same pressure: let its look end first
         admin.hdel(c.guard_locks_key(), "cline")
         admin.execute_command("ACL", "SETUSER", "cline", "on")
         admin.close()

@@ -44,8 +44,12 @@ ROLE_QUOTA: Final = 0.25
 SAMPLE_KEYS: Final = 400
 #: Longest a full pass over the keyspace (when sampling cannot tell) may take.
 SCAN_BUDGET_S: Final = 3.0
-#: Messages of a queue checked to tell a copilot backlog from a role's flood.
-QUEUE_SAMPLE: Final = 16
+#: Messages of a queue checked to tell a copilot backlog from a role's flood (each may be megabytes).
+QUEUE_SAMPLE: Final = 8
+#: Pressure nobody could be blamed for is looked at again after CALM_S, or at once when Redis grows by
+#: REGROWTH of its cap (a flood grows it fast; a backlog slowly).
+CALM_S: Final = 2.0
+REGROWTH: Final = 0.02
 #: A line about pressure nobody can be blamed for is said at most this often.
 QUIET_S: Final = 60.0
 
@@ -123,6 +127,8 @@ class MemoryGuard:
         self.max_message_age = max_message_age
         self.say = say
         self._quiet_until = 0.0
+        self._calm_until = 0.0
+        self._calm_used = 0
 
     def run_forever(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Check every :data:`POLL_S` until ``should_stop``; a Redis error is said and retried."""
@@ -143,17 +149,28 @@ class MemoryGuard:
         used, cap = int(info["used_memory"]), int(info.get("maxmemory") or 0)
         if not cap or used < cap * PRESSURE:
             return []
-        holdings = self.measure(sample=True)
+        if time.monotonic() < self._calm_until and used < self._calm_used + cap * REGROWTH:
+            return []  # looked a moment ago and found nobody to lock: look again later, or at once if it grows
+        # cheapest first: a role's own keys decide at once; its queue (read to tell whose it is) only if needed
+        holdings = self.measure(sample=True, resolve_queues=False)
         locks = self._lock_over_quota(holdings, cap)
+        if not locks:
+            self._resolve_queues(holdings)
+            locks = self._lock_over_quota(holdings, cap)
         if not locks:  # a few big keys can hide from a random sample: count every key once
             holdings = self.measure(sample=False)
             locks = self._lock_over_quota(holdings, cap)
         if not locks:
             self._unblamed(holdings, used, cap)
+            self._calm_until, self._calm_used = time.monotonic() + CALM_S, used
         return locks
 
-    def measure(self, *, sample: bool) -> Holdings:
-        """Bytes per owner: from :data:`SAMPLE_KEYS` random keys scaled to the keyspace, or every key."""
+    def measure(self, *, sample: bool, resolve_queues: bool = True) -> Holdings:
+        """Bytes per owner: from :data:`SAMPLE_KEYS` random keys scaled to the keyspace, or every key.
+
+        A role's queue is the copilot's or the role's by what it holds (:meth:`_queue_was_flooded`); without
+        ``resolve_queues`` it stays ``queue:ROLE``.
+        """
         holdings = Holdings()
         keys = self._random_keys() if sample else self._every_key()
         sizes = self._sizes(keys)
@@ -163,11 +180,15 @@ class MemoryGuard:
             holdings.add(owner, size * scale)
             if owner == CONTROL and size > 2**20:
                 holdings.big_control_keys.append(key)
+        if resolve_queues:
+            self._resolve_queues(holdings)
+        return holdings
+
+    def _resolve_queues(self, holdings: Holdings) -> None:
         for owner in [o for o in holdings.bytes_by_owner if o.startswith("queue:")]:
             role = owner.split(":", 1)[1]
             held = holdings.bytes_by_owner.pop(owner)
             holdings.add(role if self._queue_was_flooded(role) else "copilot", held)
-        return holdings
 
     def lock(self, role: str, held_bytes: int, maxmemory: int) -> Lock:
         """Lock ``role`` out of Redis: no new connection, its current ones closed. Nothing is deleted."""
