@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu import Exchange, Queue
 
-from xnai_tasks import acl
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
+from xnai_tasks.security import acl
 
 if TYPE_CHECKING:
     from xnai_tasks.settings import Settings
@@ -43,7 +43,7 @@ RELIABILITY: dict[str, Any] = {
     "task_send_sent_event": True,
 }
 
-#: Retry policy for transient errors inside tasks (see xnai_tasks.tasks.RoleTask).
+#: Retry policy for transient errors inside tasks (see xnai_tasks.worker.role_task.RoleTask).
 RETRY_BACKOFF_MAX_S = 60
 RETRY_MAX = 3
 
@@ -54,7 +54,7 @@ def task_queues() -> list[Queue]:
     kombu keeps an exchange's bindings in the set ``_kombu.binding.EXCHANGE``, which a worker writes
     when it declares its queue. With one exchange per role, that set is ``_kombu.binding.ROLE`` and
     only that role (and the copilot) may write it: a compromised worker cannot add a binding that
-    routes another role's messages into its own queue (xnai_tasks.acl).
+    routes another role's messages into its own queue (xnai_tasks.security.acl).
     """
     return [Queue(c.queue_for(role), Exchange(role, type="direct"), routing_key=role) for role in c.ROLES]
 
@@ -109,7 +109,7 @@ def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
         "broker_url": url,
         "result_backend": url,
         "broker_transport_options": transport_options(settings, user),
-        # whose result namespace this process writes (xnai_tasks.security.SignedRedisBackend)
+        # whose result namespace this process writes (xnai_tasks.security.results.SignedRedisBackend)
         "xnai_result_role": user if user in c.ROLES else None,
         "result_backend_transport_options": {"retry_policy": {"timeout": 3.0}},
         "redis_socket_connect_timeout": 3,
@@ -123,7 +123,7 @@ def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
         "beat_schedule_filename": str(settings.home / c.BEAT_SCHEDULE_FILE),
         "beat_schedule": {"check-services": {"task": "copilot.check_services", "schedule": 60.0}},
         "worker_hijack_root_logger": False,
-        "worker_consumer": "xnai_tasks.gate:GatedConsumer",
+        "worker_consumer": "xnai_tasks.security.gate:GatedConsumer",
         # XNAI_TASK_MODULES: more ROLE.* task modules (e.g. the tests' own), imported as the role modules are.
         "imports": list(settings.task_modules),
     }

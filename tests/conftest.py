@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
-from xnai_tasks.celery_app import create_app
-from xnai_tasks.client import Client
-from xnai_tasks.redis_server import EmbeddedRedis
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core.celery_app import create_app
+from xnai_tasks.ops.redis_server import EmbeddedRedis
+from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
-from xnai_tasks.supervisor import Stack
 
 from support import free_port, short_home
 

@@ -25,13 +25,13 @@ import pytest
 import redis
 from celery import Celery
 
-from xnai_tasks import acl
-from xnai_tasks import constants as c
-from xnai_tasks.celery_app import create_app
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core import constants as c
+from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.errors import RedisServerError, SettingsError
-from xnai_tasks.keys import init_keys
-from xnai_tasks.redis_server import EmbeddedRedis, find_redis_server, server_version
+from xnai_tasks.ops.redis_server import EmbeddedRedis, find_redis_server, server_version
+from xnai_tasks.security import acl
+from xnai_tasks.security.keys import init_keys
 from xnai_tasks.settings import Settings
 
 from support import short_home

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
-from xnai_tasks.supervisor import Stack
 
 from support import run_xnai
 

@@ -21,16 +21,17 @@ from celery import Celery
 from kombu import Connection
 from kombu.pidbox import Mailbox, Node
 
-from xnai_tasks import acl, broker
-from xnai_tasks import constants as c
-from xnai_tasks.celery_app import create_app
-from xnai_tasks.client import Client
-from xnai_tasks.flower import ensure_credentials
-from xnai_tasks.keys import SignerSource
-from xnai_tasks.security import signing_as
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
+from xnai_tasks.core.celery_app import create_app
+from xnai_tasks.observability.status import collect_status
+from xnai_tasks.ops.flower import ensure_credentials
+from xnai_tasks.ops.supervisor import Stack, workers_online
+from xnai_tasks.security import acl
+from xnai_tasks.security.keys import SignerSource
+from xnai_tasks.security.publish import signing_as
 from xnai_tasks.settings import Settings
-from xnai_tasks.status import collect_status
-from xnai_tasks.supervisor import Stack, workers_online
 
 COMMANDS: list[tuple[str, dict[str, Any]]] = [
     ("shutdown", {}),

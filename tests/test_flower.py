@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from xnai_tasks.errors import SettingsError
-from xnai_tasks.flower import ensure_credentials
+from xnai_tasks.ops.flower import ensure_credentials
+from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
-from xnai_tasks.supervisor import Stack
 
 
 def _get(url: str, auth: str | None) -> tuple[int, Any]:
@@ -57,7 +57,7 @@ def test_flower_api_lists_role_workers_only_with_credentials(stack: Stack, stack
 
 def test_flower_sees_signed_tasks_and_their_results(stack: Stack, stack_settings: Settings) -> None:
     # Given a signed task run through the stack (Celery's own `auth` serializer breaks Flower; ours must not)
-    from xnai_tasks.client import Client
+    from xnai_tasks.client.sync import Client
 
     client = Client(stack_settings)
     handle = client.submit("grok", "echo", value="seen by flower")

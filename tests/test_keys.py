@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import KeyringError, UsageError
-from xnai_tasks.keys import (
+from xnai_tasks.security.keys import (
     Keyring,
     KeyStatus,
     SignerSource,

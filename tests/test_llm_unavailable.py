@@ -14,11 +14,11 @@ import pytest
 from celery import Celery
 
 from xnai_tasks.bench.harness import role_worker
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
 from xnai_tasks.errors import RefusedError
+from xnai_tasks.observability.status import collect_status, format_status
+from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
-from xnai_tasks.status import collect_status, format_status
-from xnai_tasks.supervisor import Stack
 
 from support import run_xnai, short_home
 

@@ -15,15 +15,16 @@ import pytest
 import redis
 from celery import Celery
 
-from xnai_tasks import acl, broker
-from xnai_tasks import constants as c
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
-from xnai_tasks.client import Client
-from xnai_tasks.keys import load_signer, shared_keyring
-from xnai_tasks.memory_guard import MemoryGuard, owner_of
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
+from xnai_tasks.observability.status import collect_status, format_status
+from xnai_tasks.ops.memory_guard import MemoryGuard, owner_of
+from xnai_tasks.ops.supervisor import Stack
+from xnai_tasks.security import acl
+from xnai_tasks.security.keys import load_signer, shared_keyring
 from xnai_tasks.settings import Settings
-from xnai_tasks.status import collect_status, format_status
-from xnai_tasks.supervisor import Stack
 
 from support import publish_raw, run_xnai, short_home
 

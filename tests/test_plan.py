@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
 from xnai_tasks.plan import GiB, Host, MiB, Plan, detect_host, make_plan
 

@@ -9,8 +9,8 @@ import time
 
 import psutil
 
-from xnai_tasks.client import Client
-from xnai_tasks.supervisor import Stack
+from xnai_tasks.client.sync import Client
+from xnai_tasks.ops.supervisor import Stack
 
 TASKS = 200
 

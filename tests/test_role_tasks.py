@@ -11,10 +11,10 @@ import ast
 
 import pytest
 
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
 from xnai_tasks.errors import TaskFailedError
 from xnai_tasks.models import cosine
-from xnai_tasks.supervisor import Stack
+from xnai_tasks.ops.supervisor import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,13 @@ import psutil
 import pytest
 from celery import Celery
 
-from xnai_tasks import acl, broker
-from xnai_tasks import constants as c
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import UnknownRoleError, UnknownTaskError
+from xnai_tasks.ops.supervisor import Stack
+from xnai_tasks.security import acl
 from xnai_tasks.settings import Settings
-from xnai_tasks.supervisor import Stack
 
 
 @pytest.mark.parametrize("role", c.ROLES)

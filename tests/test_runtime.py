@@ -15,16 +15,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from xnai_tasks import security
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
-from xnai_tasks.celery_app import create_app
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.errors import RefusedError, SettingsError
-from xnai_tasks.keys import init_keys
+from xnai_tasks.ops.redis_server import EmbeddedRedis
 from xnai_tasks.plan import GiB, Host, RolePlan, for_concurrency, format_plan, plan_for
-from xnai_tasks.redis_server import EmbeddedRedis
+from xnai_tasks.security import publish
+from xnai_tasks.security.keys import init_keys
 from xnai_tasks.settings import Settings
-from xnai_tasks.textwork import extract_code, sentences, validate_code
+from xnai_tasks.worker.textwork import extract_code, sentences, validate_code
 
 from support import run_xnai, short_home
 
@@ -159,8 +159,8 @@ def grok_stack(request: pytest.FixtureRequest) -> Iterator[tuple[psutil.Process,
     home = short_home()
     settings = Settings(home=home, **request.param)
     init_keys(home)
-    # A Client signs with a process-wide key (security.use_agent): give the session's back afterwards.
-    signer = security._state["source"]
+    # A Client signs with a process-wide key (publish.use_agent): give the session's back afterwards.
+    signer = publish._process["source"]
     with EmbeddedRedis(settings):
         control = create_app(settings, main="xnai_test_grok")
         proc = start_worker(settings, "grok")
@@ -172,7 +172,7 @@ def grok_stack(request: pytest.FixtureRequest) -> Iterator[tuple[psutil.Process,
             client.close()
             control.close()
             stop_worker(proc)
-            security._state["source"] = signer
+            publish._process["source"] = signer
     shutil.rmtree(home, ignore_errors=True)
 
 
@@ -258,7 +258,7 @@ def test_role_modules_do_not_import_model_libraries() -> None:
 
     code = (
         "import sys, workers.cline, workers.grok, workers.curation, workers.copilot\n"
-        "from xnai_tasks.tasks import role_tasks\n"
+        "from xnai_tasks.worker.role_task import role_tasks\n"
         "role_tasks()\n"
         "print(','.join(m for m in ('torch', 'transformers', 'llama_cpp', 'numpy') if m in sys.modules))"
     )

@@ -13,14 +13,15 @@ from celery import Celery, chain, chord, group
 from celery.result import AsyncResult
 from nacl.signing import SigningKey
 
-from xnai_tasks import acl, broker, keys
-from xnai_tasks import constants as c
-from xnai_tasks.client import Client, TaskHandle
+from xnai_tasks.client.sync import Client, TaskHandle
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError, TaskRevokedError, UsageError
-from xnai_tasks.keys import Signer, load_signer
+from xnai_tasks.ops.supervisor import Stack
+from xnai_tasks.security import acl, keys
+from xnai_tasks.security.keys import Signer, load_signer
+from xnai_tasks.security.signing import SIG_HEADER
 from xnai_tasks.settings import Settings
-from xnai_tasks.signing import SIG_HEADER
-from xnai_tasks.supervisor import Stack
 
 from support import publish_raw, resend, run_xnai
 
@@ -305,7 +306,7 @@ def test_forged_results_are_refused_by_the_client(
     elif forgery == "forged":
         meta[SIG_HEADER]["sig"] = meta[SIG_HEADER]["sig"][::-1]
     else:  # a valid signature, but by the cline worker, for a task sent to grok
-        from xnai_tasks.signing import sign_result
+        from xnai_tasks.security.signing import sign_result
 
         meta[SIG_HEADER] = sign_result(
             load_signer(stack_settings.home, "cline"), task_id=handle.id, status="SUCCESS", result="genuine"

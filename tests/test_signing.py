@@ -14,11 +14,11 @@ import pytest
 from kombu.utils import json as kombu_json
 from nacl.signing import SigningKey
 
-from xnai_tasks import constants as c
-from xnai_tasks import signing
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected, RefusedError, ResultSignatureError, UsageError
-from xnai_tasks.keys import Keyring, Signer, authorize, init_keys, load_signer, revoke, rotate
-from xnai_tasks.signing import (
+from xnai_tasks.security import signing
+from xnai_tasks.security.keys import Keyring, Signer, authorize, init_keys, load_signer, revoke, rotate
+from xnai_tasks.security.signing import (
     COVERED_HEADERS,
     MAX_SKEW_S,
     REASONS,

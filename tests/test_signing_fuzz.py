@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
-from xnai_tasks.keys import Keyring, Signer, init_keys, load_signer, rotate
-from xnai_tasks.signing import (
+from xnai_tasks.security.keys import Keyring, Signer, init_keys, load_signer, rotate
+from xnai_tasks.security.signing import (
     COVERED_HEADERS,
     REASONS,
     SIG_FIELDS,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xnai_tasks.tasks import RoleTask, role_task
+from xnai_tasks.worker.role_task import RoleTask, role_task
 
 
 def _record_run(runs_file: str | None) -> int:

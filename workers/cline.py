@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from xnai_tasks import models as m
-from xnai_tasks import runtime
-from xnai_tasks.tasks import RoleTask, register_diagnostics, role_task
-from xnai_tasks.textwork import Timer, extract_code, optional_text, require_count, require_text, validate_code
+from xnai_tasks.worker import startup as runtime
+from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
+from xnai_tasks.worker.textwork import Timer, extract_code, optional_text, require_count, require_text, validate_code
 
 ROLE = "cline"
 DOCS_MAX_TOKENS = 200

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from xnai_tasks import constants as c
-from xnai_tasks.memory_bank import connection
-from xnai_tasks.tasks import RoleTask, register_diagnostics, role_task
+from xnai_tasks.core import constants as c
+from xnai_tasks.worker.memory_bank import connection
+from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
 
 ROLE = "copilot"
 PING_TIMEOUT_S = 1.0

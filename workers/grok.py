@@ -11,10 +11,10 @@ import os
 from typing import Any
 
 from xnai_tasks import models as m
-from xnai_tasks import runtime
 from xnai_tasks.errors import ModelError, RefusedError, UsageError
-from xnai_tasks.tasks import RoleTask, register_diagnostics, role_task
-from xnai_tasks.textwork import Timer, optional_text, require_count, require_text, sentences
+from xnai_tasks.worker import startup as runtime
+from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
+from xnai_tasks.worker.textwork import Timer, optional_text, require_count, require_text, sentences
 
 ROLE = "grok"
 SYNTHESIZE_MAX_TOKENS = 256

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import UsageError, XnaiError
 from xnai_tasks.settings import Settings
 
@@ -26,15 +26,15 @@ class _Parser(argparse.ArgumentParser):
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Run the whole system in the foreground until SIGINT or SIGTERM."""
-    from xnai_tasks.logs import setup_logging
-    from xnai_tasks.supervisor import Stack, StopRequested, raise_on_stop_signals
+    from xnai_tasks.observability.logs import setup_logging
+    from xnai_tasks.ops.supervisor import Stack, StopRequested, raise_on_stop_signals
 
     roles = _roles(args.roles)
     raise_on_stop_signals()
     setup_logging(settings)
     try:
         with Stack(settings, roles=roles, flower=not args.no_flower) as stack:
-            from xnai_tasks.celery_app import app
+            from xnai_tasks.core.celery_app import app
 
             online = stack.wait_workers(app)
             for role in roles:
@@ -50,7 +50,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """One role's Celery worker (prefork)."""
-    from xnai_tasks.worker import run_worker
+    from xnai_tasks.worker.argv import run_worker
 
     role = _role(args.role)
     run_worker(settings, role, concurrency=args.concurrency, beat=args.beat)
@@ -59,9 +59,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
     """The embedded Redis in the foreground (the Procfile's ``redis`` line)."""
-    from xnai_tasks.logs import setup_logging
-    from xnai_tasks.redis_server import EmbeddedRedis
-    from xnai_tasks.supervisor import StopRequested, raise_on_stop_signals
+    from xnai_tasks.observability.logs import setup_logging
+    from xnai_tasks.ops.redis_server import EmbeddedRedis
+    from xnai_tasks.ops.supervisor import StopRequested, raise_on_stop_signals
 
     if not settings.embedded:
         raise UsageError("XNAI_REDIS_URL is set: an external Redis is used, there is nothing to start")
@@ -83,11 +83,12 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_guard(args: argparse.Namespace, settings: Settings) -> int:
     """The memory guard in the foreground (the Procfile's ``guard`` line)."""
-    from xnai_tasks import acl, broker
-    from xnai_tasks.keys import shared_keyring
-    from xnai_tasks.logs import setup_logging
-    from xnai_tasks.memory_guard import MemoryGuard
-    from xnai_tasks.supervisor import StopRequested, raise_on_stop_signals
+    from xnai_tasks.core import broker
+    from xnai_tasks.observability.logs import setup_logging
+    from xnai_tasks.ops.memory_guard import MemoryGuard
+    from xnai_tasks.ops.supervisor import StopRequested, raise_on_stop_signals
+    from xnai_tasks.security import acl
+    from xnai_tasks.security.keys import shared_keyring
 
     if not settings.embedded:
         raise UsageError("XNAI_REDIS_URL is set: the memory guard watches the embedded Redis only")
@@ -109,7 +110,7 @@ def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
     """Flower on 127.0.0.1 with basic auth (replaces this process)."""
     import os
 
-    from xnai_tasks.flower import ensure_credentials, flower_argv, flower_env
+    from xnai_tasks.ops.flower import ensure_credentials, flower_argv, flower_env
 
     creds, new = ensure_credentials(settings)
     if new:
@@ -120,7 +121,7 @@ def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     """Enqueue a task; with --wait print its result as JSON."""
-    from xnai_tasks.client import Client
+    from xnai_tasks.client.sync import Client
 
     kwargs = _json_object(args.kwargs)
     client = Client(settings)
@@ -137,7 +138,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """Redis reachability, workers online per role, queue depths."""
-    from xnai_tasks.status import collect_status, dead_letters, format_status
+    from xnai_tasks.observability.status import collect_status, dead_letters, format_status
 
     if args.dead_letters:
         entries = dead_letters(settings, _role(args.dead_letters), args.limit)
@@ -151,7 +152,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Manage the Ed25519 keyring: init, list, rotate AGENT, authorize AGENT PATTERN..., revoke KID."""
-    from xnai_tasks import keys
+    from xnai_tasks.security import keys
 
     home = settings.home
     if args.action == "init":
@@ -184,10 +185,10 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_acl(args: argparse.Namespace, settings: Settings) -> int:
     """Print the Redis ACL rules (with this home's password hashes when asked), or unlock a locked-out role."""
-    from xnai_tasks import acl
+    from xnai_tasks.security import acl
 
     if args.action == "unlock":
-        from xnai_tasks.memory_guard import unlock
+        from xnai_tasks.ops.memory_guard import unlock
 
         role = _role(args.role or "")
         was = unlock(settings, role)

@@ -15,11 +15,11 @@ import textwrap
 import time
 from typing import Any
 
-from xnai_tasks import constants as c
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import XnaiError
+from xnai_tasks.ops.supervisor import Stack, StopRequested, raise_on_stop_signals
 from xnai_tasks.settings import Settings
-from xnai_tasks.supervisor import Stack, StopRequested, raise_on_stop_signals
 
 #: No step of the demo waits longer than this: a task whose worker keeps dying fails long before.
 TASK_TIMEOUT_S = 120.0
@@ -61,7 +61,7 @@ class DemoStopped(XnaiError):
 
 def run_demo(settings: Settings) -> int:
     """Run the demo; 0 when every role answered, else the exit code of what stopped it, with its reason."""
-    from xnai_tasks.celery_app import app
+    from xnai_tasks.core.celery_app import app
 
     raise_on_stop_signals()
     steps = Steps()

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from xnai_tasks.files import read_json_object, write_json_atomic
+from xnai_tasks.core.files import read_json_object, write_json_atomic
 from xnai_tasks.models import ModelFile, ggml_backend_libraries, models_dir
 from xnai_tasks.settings import Settings
 

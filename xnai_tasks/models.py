@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TextIO, TypedDict, TypeVar, cast
 
+from xnai_tasks.core.files import read_json_object, write_json_atomic
 from xnai_tasks.errors import ModelError, ModelUnavailableError, OverBudgetError, UsageError
-from xnai_tasks.files import read_json_object, write_json_atomic
 from xnai_tasks.plan import ModelMode, RolePlan, role_models
 from xnai_tasks.settings import Settings
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def make_plan(
 def redis_memory_cap(host: Host) -> int:
     """Redis' share of the host: 5% of RAM, at least 256 MiB and at most 2 GiB.
 
-    Results expire after a day and the guard (xnai_tasks.memory_guard) keeps any one role below a quarter
+    Results expire after a day and the guard (xnai_tasks.ops.memory_guard) keeps any one role below a quarter
     of it, so the cap bounds what a flood can take from the models, and what a role can take from the rest.
     """
     return int(min(2 * GiB, max(256 * MiB, host.ram_bytes * 0.05)))

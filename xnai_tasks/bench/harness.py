@@ -21,9 +21,9 @@ import psutil
 from celery import Celery
 
 from xnai_tasks.errors import ProcessError
-from xnai_tasks.keys import init_keys
-from xnai_tasks.proc import die_with_parent
-from xnai_tasks.redis_server import EmbeddedRedis
+from xnai_tasks.ops.proc import die_with_parent
+from xnai_tasks.ops.redis_server import EmbeddedRedis
+from xnai_tasks.security.keys import init_keys
 from xnai_tasks.settings import Settings
 
 
@@ -85,7 +85,7 @@ def model_stack_home(settings: Settings) -> Iterator[Settings]:
     assembled and checksummed here, so no measurement pays for that.
     """
     from xnai_tasks.models import resolve_model
-    from xnai_tasks.supervisor import Stack
+    from xnai_tasks.ops.supervisor import Stack
 
     home = Path(tempfile.mkdtemp(prefix="xnai-bench-", dir="/tmp"))
     bench_settings = replace(settings, home=home)

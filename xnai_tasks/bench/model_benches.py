@@ -35,7 +35,7 @@ from xnai_tasks.bench.harness import (
     stop_worker,
     wait_online,
 )
-from xnai_tasks.client import Client
+from xnai_tasks.client.sync import Client
 from xnai_tasks.settings import Settings
 
 RESULT_TIMEOUT_S = 600.0
@@ -63,7 +63,7 @@ def sample_texts(n: int) -> list[str]:
 @contextlib.contextmanager
 def _session(settings: Settings) -> Iterator[tuple[Settings, Celery, Client]]:
     """A private home with Redis, keys and models; a control app and a client on it."""
-    from xnai_tasks.celery_app import create_app
+    from xnai_tasks.core.celery_app import create_app
 
     with model_stack_home(settings) as bench:
         control = create_app(bench, main="xnai_bench")

@@ -8,7 +8,7 @@ from celery import Celery
 from kombu import Queue
 
 import celeryconfig
-from xnai_tasks import acl
+from xnai_tasks.security import acl
 from xnai_tasks.settings import Settings
 
 QUEUE = "bench_plain"

@@ -72,10 +72,10 @@ def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any
 
 def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) -> dict[str, list[tuple[float, float]]]:
     """Start the three workers side by side and measure each app ``rounds`` times, alternating."""
-    from xnai_tasks import acl
     from xnai_tasks.bench import auth_app, plain_app
-    from xnai_tasks.celery_app import create_app
-    from xnai_tasks.client import Client
+    from xnai_tasks.client.sync import Client
+    from xnai_tasks.core.celery_app import create_app
+    from xnai_tasks.security import acl
 
     auth_dir = bench.home / "auth"
     auth_app.make_certificate(auth_dir)

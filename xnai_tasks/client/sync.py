@@ -14,8 +14,8 @@ from kombu.exceptions import OperationalError
 from kombu.utils.uuid import uuid
 from redis import RedisError
 
-from xnai_tasks import broker
-from xnai_tasks import constants as c
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import (
     BrokerUnreachableError,
     ModelUnavailableError,
@@ -27,11 +27,12 @@ from xnai_tasks.errors import (
     UnknownRoleError,
     UnknownTaskError,
 )
-from xnai_tasks.keys import Keyring, SignerSource
-from xnai_tasks.limits import check_arguments
-from xnai_tasks.security import VERIFIED, VerifiedBy, load_agent, signing_as, use_agent
+from xnai_tasks.security.keys import Keyring, SignerSource
+from xnai_tasks.security.limits import check_arguments
+from xnai_tasks.security.publish import load_agent, signing_as, use_agent
+from xnai_tasks.security.results import VERIFIED, VerifiedBy
+from xnai_tasks.security.signing import SIG_HEADER, verify_result
 from xnai_tasks.settings import Settings
-from xnai_tasks.signing import SIG_HEADER, verify_result
 
 #: Errors a task raises to refuse work (the model cannot run here, over the RAM budget): the caller is refused
 #: (CLI exit 3), not told that the task failed.
@@ -99,7 +100,7 @@ class Client:
     """Submits tasks to role queues and waits for their results."""
 
     def __init__(self, settings: Settings, app: Celery | None = None, *, agent: str = "copilot") -> None:
-        from xnai_tasks.celery_app import create_app  # avoids an import cycle
+        from xnai_tasks.core.celery_app import create_app  # avoids an import cycle
 
         self.settings = settings
         self.agent = agent
@@ -116,7 +117,7 @@ class Client:
     def tasks(self) -> dict[str, list[str]]:
         """Every role's task names."""
         if self._catalogue is None:
-            from xnai_tasks.tasks import role_tasks
+            from xnai_tasks.worker.role_task import role_tasks
 
             self._catalogue = role_tasks(self.settings.task_modules)
         return self._catalogue

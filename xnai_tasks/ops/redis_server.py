@@ -1,7 +1,7 @@
 """The embedded Redis (DESIGN.md 5): a private redis-server on a unix socket under XNAI_HOME.
 
 AOF persistence with ``appendfsync everysec``, ``maxmemory-policy noeviction``, no TCP port, and ACLs
-on: ``redis/users.acl`` is rendered from ``acl/passwords.json`` at every start (xnai_tasks.acl), the
+on: ``redis/users.acl`` is rendered from ``acl/passwords.json`` at every start (xnai_tasks.security.acl), the
 default user is off and this module talks to the server as ``admin``. A server already answering on the
 socket is reused (and left running) when it accepts our admin credentials; a stale socket or pid file
 is removed before starting.
@@ -21,10 +21,10 @@ from types import TracebackType
 
 import redis
 
-from xnai_tasks import acl
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import RedisServerError
-from xnai_tasks.proc import die_with_parent
+from xnai_tasks.ops.proc import die_with_parent
+from xnai_tasks.security import acl
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -31,9 +31,9 @@ from typing import Any, Final
 
 from nacl.exceptions import BadSignatureError
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected, ResultSignatureError, UsageError
-from xnai_tasks.keys import KeyEntry, Keyring, KeyStatus, Signer
+from xnai_tasks.security.keys import KeyEntry, Keyring, KeyStatus, Signer
 
 #: Message header carrying the signature dict.
 SIG_HEADER: Final = "xnai_sig"

@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", cu
     Only the package's own ``app`` is Celery's current app (Flower builds its results on the current app).
     """
     application = Celery(
-        main, include=list(ROLE_MODULES), set_as_current=current, control="xnai_tasks.control:SignedControl"
+        main, include=list(ROLE_MODULES), set_as_current=current, control="xnai_tasks.security.control:SignedControl"
     )
     if settings is not None:
         application.conf.update(_config(settings))
@@ -38,11 +38,11 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", cu
 
 def _config(settings: Settings) -> dict[str, Any]:
     """celeryconfig's settings, with results stored through the signing backend."""
-    from xnai_tasks.security import result_backend_url
+    from xnai_tasks.security.results import result_backend_url
 
     config = celeryconfig.build(settings)
     config["result_backend"] = result_backend_url(config["result_backend"])
-    # Remote control is signed (xnai_tasks.control): where this process's keys are, and which agent it
+    # Remote control is signed (xnai_tasks.security.control): where this process's keys are, and which agent it
     # signs commands as when it has no agent of its own (Flower: inspect only; anything else: the copilot).
     config["xnai_home"] = str(settings.home)
     _, user = celeryconfig.identity(settings)
@@ -56,10 +56,10 @@ app = create_app(current=True)
 @signals.setup_logging.connect  # type: ignore[untyped-decorator]
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Worker, beat and Flower processes log JSON lines under XNAI_HOME instead of Celery's default."""
-    from xnai_tasks.logs import setup_logging
+    from xnai_tasks.observability.logs import setup_logging
 
     setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)
 
 
 # Signal handlers that must be connected in every process that loads the app.
-from xnai_tasks import runtime, worker_role  # noqa: E402, F401
+from xnai_tasks.worker import startup as runtime  # noqa: E402, F401

@@ -26,11 +26,11 @@ from typing import Any, Final
 
 import redis
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
-from xnai_tasks.keys import Keyring
+from xnai_tasks.security.keys import Keyring
+from xnai_tasks.security.signing import verify_message
 from xnai_tasks.settings import Settings
-from xnai_tasks.signing import verify_message
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Holdings:
 
 @dataclass(frozen=True)
 class Lock:
-    """A role the guard locked out, and why (kept in :func:`xnai_tasks.constants.guard_locks_key`)."""
+    """A role the guard locked out, and why (kept in :func:`xnai_tasks.core.constants.guard_locks_key`)."""
 
     role: str
     held_bytes: int
@@ -305,7 +305,8 @@ def current_locks(conn: redis.Redis) -> dict[str, str]:
 
 def unlock(settings: Settings, role: str) -> str | None:
     """Let ``role`` connect again (``xnai acl unlock ROLE``); returns why it was locked, if it was."""
-    from xnai_tasks import acl, broker
+    from xnai_tasks.core import broker
+    from xnai_tasks.security import acl
 
     conn = broker.connect(acl.connection_url(settings, acl.ADMIN))
     try:

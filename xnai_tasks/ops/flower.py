@@ -9,9 +9,9 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from xnai_tasks import acl
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
+from xnai_tasks.security import acl
 from xnai_tasks.settings import Settings
 
 FLOWER_USER = "xnai"

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from nacl.signing import SigningKey, VerifyKey
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import KeyringError
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
-from xnai_tasks import limits
-from xnai_tasks.dead_letters import dead_letter
+from xnai_tasks.security import limits
+from xnai_tasks.worker.dead_letters import dead_letter
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 
 #: Raw bodies longer than this are cut in the dead-letter entry.
 DEAD_LETTER_BODY_MAX = 64 * 1024

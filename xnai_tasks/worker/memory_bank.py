@@ -1,6 +1,6 @@
 """The memory bank: chunks of indexed documents and their embeddings, kept in Redis.
 
-Every key is under ``xnai:bank:`` (:mod:`xnai_tasks.constants`): a meta hash (which encoder made the
+Every key is under ``xnai:bank:`` (:mod:`xnai_tasks.core.constants`): a meta hash (which encoder made the
 vectors), a set of chunk keys, one hash per document and one per chunk. Vectors are little-endian
 float32 bytes (never a Python-object serializer); they are L2-normalised, so a dot product is the cosine similarity.
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 
-from xnai_tasks import broker
-from xnai_tasks import constants as c
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ModelError
 
 _conn: dict[str, Any] = {"pid": None, "conn": None}
@@ -29,10 +29,10 @@ REDIS_TIMEOUT_S = 10.0
 def connection() -> redis.Redis:
     """This process's Redis connection for the role tasks (made once per process, again after a fork)."""
     if _conn["pid"] != os.getpid() or _conn["conn"] is None:
-        from xnai_tasks import runtime
-        from xnai_tasks.celery_app import app
+        from xnai_tasks.core.celery_app import app
+        from xnai_tasks.worker import startup as runtime
 
-        # In a role worker the app's broker URL carries that role's ACL credentials (xnai_tasks.acl).
+        # In a role worker the app's broker URL carries that role's ACL credentials (xnai_tasks.security.acl).
         url = app.conf.broker_url or runtime.settings().broker_url
         _conn["conn"] = broker.connect(url, timeout=REDIS_TIMEOUT_S)
         _conn["pid"] = os.getpid()

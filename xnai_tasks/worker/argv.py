@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from xnai_tasks import constants as c
-from xnai_tasks.logs import setup_logging
+from xnai_tasks.core import constants as c
+from xnai_tasks.observability.logs import setup_logging
 from xnai_tasks.settings import Settings
 
 
@@ -34,7 +34,7 @@ def worker_argv(settings: Settings, role: str, *, concurrency: int, beat: bool) 
 
 def run_worker(settings: Settings, role: str, *, concurrency: int | None = None, beat: bool = False) -> None:
     """Run the role's worker in this process until it is stopped."""
-    from xnai_tasks.celery_app import app
+    from xnai_tasks.core.celery_app import app
 
     setup_logging(settings)
     app.worker_main(

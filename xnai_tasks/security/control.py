@@ -33,13 +33,13 @@ from kombu.common import maybe_declare
 from kombu.exceptions import InconsistencyError
 from kombu.pidbox import Mailbox, Node
 
-from xnai_tasks import broker
-from xnai_tasks import constants as c
-from xnai_tasks.dead_letters import dead_letter
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected, XnaiError
-from xnai_tasks.keys import Keyring, Signer, SignerSource, shared_keyring
-from xnai_tasks.redaction import scrub, url_password
-from xnai_tasks.signing import SIG_HEADER, sign_control, sign_reply, verify_control, verify_reply
+from xnai_tasks.security.keys import Keyring, Signer, SignerSource, shared_keyring
+from xnai_tasks.security.redaction import scrub, url_password
+from xnai_tasks.security.signing import SIG_HEADER, sign_control, sign_reply, verify_control, verify_reply
+from xnai_tasks.worker.dead_letters import dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class SignedMailbox(Mailbox):  # type: ignore[misc]
     def signer(self, *, reply: bool = False) -> Signer | None:
         """Who signs: a client's context first; then, for a reply, this worker's own agent; else the agent
         the app names (``xnai_control_agent``: a role worker's role, Flower's ``flower``, else the copilot)."""
-        from xnai_tasks.security import context_source, process_source
+        from xnai_tasks.security.publish import context_source, process_source
 
         source = context_source() or (process_source() if reply else None)
         if source is not None:
@@ -179,7 +179,7 @@ class SignedMailbox(Mailbox):  # type: ignore[misc]
         return shared_keyring(Path(str(self._conf("xnai_home"))))
 
     def gate_for(self, hostname: str) -> ControlGate:
-        from xnai_tasks.worker_role import current_role
+        from xnai_tasks.worker.role import current_role
 
         role = current_role() or hostname.split("@", 1)[0]  # a node may be named celery@HOST
         gate = self._gates.get(role)

@@ -35,8 +35,8 @@ from xnai_tasks.errors import XnaiError
 from xnai_tasks.models import LLM, Generation, ModelHolder, ModelRegistry, set_encoder_threads, set_llm_threads
 from xnai_tasks.plan import RolePlan, for_concurrency, plan_for
 from xnai_tasks.settings import Settings
-from xnai_tasks.textwork import Timer
-from xnai_tasks.worker_role import current_role
+from xnai_tasks.worker.role import current_role
+from xnai_tasks.worker.textwork import Timer
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ def probe_models(role: str, current: Settings, plan: RolePlan, found: ModelRegis
 
 def publish_verdicts(redis_url: str, role: str) -> None:
     """Tell ``xnai status`` how this role's models fared in their probe (one hash per role in Redis)."""
-    from xnai_tasks import broker
-    from xnai_tasks import constants as c
+    from xnai_tasks.core import broker
+    from xnai_tasks.core import constants as c
 
     found = _state.registries.get(role)
     if found is None:

@@ -8,16 +8,17 @@ from typing import Any
 
 import redis
 
-from xnai_tasks import acl, broker
-from xnai_tasks import constants as c
-from xnai_tasks.memory_guard import current_locks
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
+from xnai_tasks.ops.memory_guard import current_locks
+from xnai_tasks.security import acl
 from xnai_tasks.settings import Settings
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     """Status as a JSON-ready dict; raises BrokerUnreachableError when Redis does not answer."""
-    from xnai_tasks.celery_app import create_app
-    from xnai_tasks.supervisor import workers_online
+    from xnai_tasks.core.celery_app import create_app
+    from xnai_tasks.ops.supervisor import workers_online
 
     broker.require_reachable(settings)
     conn = broker.connect(acl.connection_url(settings, acl.ADMIN))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
 from xnai_tasks.settings import Settings
 

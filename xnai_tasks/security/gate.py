@@ -16,15 +16,16 @@ from typing import Any
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
-from xnai_tasks import broker, limits
-from xnai_tasks import constants as c
-from xnai_tasks.dead_letters import dead_letter
-from xnai_tasks.deliveries import WORKER_LOST, DeliveryLedger
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
-from xnai_tasks.keys import Keyring, shared_keyring
-from xnai_tasks.security import claim_nonce
+from xnai_tasks.security import limits
+from xnai_tasks.security.keys import Keyring, shared_keyring
+from xnai_tasks.security.ledger import claim_nonce
+from xnai_tasks.security.signing import nonce_ttl_s, verify_message
 from xnai_tasks.settings import Settings
-from xnai_tasks.signing import nonce_ttl_s, verify_message
+from xnai_tasks.worker.dead_letters import dead_letter
+from xnai_tasks.worker.deliveries import WORKER_LOST, DeliveryLedger
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +172,12 @@ class MessageGate:
 class GatedConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer with the message gate in front of every task message.
 
-    Its connection pops queue items through :class:`xnai_tasks.envelope.GuardedChannel`, which refuses
+    Its connection pops queue items through :class:`xnai_tasks.security.envelope.GuardedChannel`, which refuses
     an item that is not a well-formed envelope before kombu builds a message of it.
     """
 
     def connection_for_read(self, heartbeat: Any = None) -> Any:
-        from xnai_tasks.envelope import guard
+        from xnai_tasks.security.envelope import guard
 
         return self.ensure_connected(guard(self.app.connection_for_read(heartbeat=heartbeat)))
 

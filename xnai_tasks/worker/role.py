@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 
 _state: dict[str, str | None] = {"role": None}
 
@@ -49,8 +49,8 @@ def _decide_role(sender: str | None = None, conf: Any = None, options: dict[str,
 
     This runs in the worker's parent before anything connects or forks, so pool children inherit both.
     """
-    from xnai_tasks import acl
-    from xnai_tasks.security import use_agent
+    from xnai_tasks.security import acl
+    from xnai_tasks.security.publish import use_agent
     from xnai_tasks.settings import Settings
 
     role = role_from_options(sender, (options or {}).get("queues"))

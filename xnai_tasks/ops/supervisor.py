@@ -22,12 +22,12 @@ from types import FrameType, TracebackType
 import psutil
 from celery import Celery
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ProcessError
-from xnai_tasks.flower import ensure_credentials
-from xnai_tasks.keys import init_keys
-from xnai_tasks.proc import die_with_parent
-from xnai_tasks.redis_server import EmbeddedRedis
+from xnai_tasks.ops.flower import ensure_credentials
+from xnai_tasks.ops.proc import die_with_parent
+from xnai_tasks.ops.redis_server import EmbeddedRedis
+from xnai_tasks.security.keys import init_keys
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def process_specs(
 ) -> list[ProcessSpec]:
     """The processes of the system, in start order. The Procfile is this list with every option on.
 
-    The memory guard (:mod:`xnai_tasks.memory_guard`) watches the embedded Redis; it has no use on an external one.
+    The memory guard (:mod:`xnai_tasks.ops.memory_guard`) watches the embedded Redis; it has no use on an external one.
     """
     specs = [ProcessSpec("redis", ("redis",))] if redis else []
     if guard:

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from celery import Task
 
 import celeryconfig
-from xnai_tasks import constants as c
-from xnai_tasks.celery_app import app
+from xnai_tasks.core import constants as c
+from xnai_tasks.core.celery_app import app
 from xnai_tasks.errors import TransientError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,7 +31,7 @@ class RoleTask(Task):  # type: ignore[misc]
     retry_jitter = True
     max_retries = celeryconfig.RETRY_MAX
     #: Counts the deaths of the process running a message and stops redelivering it at XNAI_MAX_DELIVERIES.
-    Request = "xnai_tasks.deliveries:LostWorkerRequest"
+    Request = "xnai_tasks.worker.deliveries:LostWorkerRequest"
 
     @property
     def role(self) -> str:
@@ -72,7 +72,7 @@ def role_tasks(extra_modules: tuple[str, ...] = ()) -> dict[str, list[str]]:
 
 def register_diagnostics(role: str) -> None:
     """Register the tasks every role has: ``health`` (facts of the process) and ``echo`` (round-trip probe)."""
-    from xnai_tasks.health import process_facts  # keeps psutil out of client imports
+    from xnai_tasks.worker.health import process_facts  # keeps psutil out of client imports
 
     def health(self: RoleTask) -> dict[str, Any]:
         """Facts of the worker process that ran this task."""
@@ -95,6 +95,6 @@ def register_diagnostics(role: str) -> None:
 
 def loaded_models(role: str) -> list[dict[str, Any]]:
     """The role's models in this worker process: name, kind, mode (preload/lazy), loaded or not, sizes, threads."""
-    from xnai_tasks import runtime
+    from xnai_tasks.worker import startup as runtime
 
     return runtime.describe(role)

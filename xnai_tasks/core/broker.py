@@ -8,7 +8,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from xnai_tasks import constants as c
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import BrokerUnreachableError
 from xnai_tasks.settings import Settings
 

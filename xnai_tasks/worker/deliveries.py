@@ -30,13 +30,13 @@ from billiard.exceptions import WorkerLostError as PoolWorkerLost
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from xnai_tasks import broker
-from xnai_tasks import constants as c
-from xnai_tasks.dead_letters import dead_letter
+from xnai_tasks.core import broker
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import WorkerLostError
-from xnai_tasks.security import finish_nonce
+from xnai_tasks.security.ledger import finish_nonce
+from xnai_tasks.security.signing import SIG_HEADER
 from xnai_tasks.settings import Settings
-from xnai_tasks.signing import SIG_HEADER
+from xnai_tasks.worker.dead_letters import dead_letter
 
 log = logging.getLogger(__name__)
 

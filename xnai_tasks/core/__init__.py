@@ -1,0 +1,3 @@
+"""The Celery app and what every part shares: fixed names (roles, queues, tasks, Redis keys), Redis connections,
+state files.
+"""

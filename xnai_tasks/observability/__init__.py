@@ -1,0 +1,1 @@
+"""What the system says about itself: JSON logs and `xnai status`."""

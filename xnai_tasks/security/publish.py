@@ -1,0 +1,82 @@
+"""The publish hook: every task message this process sends is signed by its agent.
+
+One agent identity per process: the copilot's key in a client, the role's key in a role worker (set
+in the parent before the pool forks, so retries and subtasks sent from tasks are signed by the worker
+that sent them); a client's submit may sign as another agent for its own context (:func:`signing_as`).
+The verification side lives in :mod:`xnai_tasks.security.gate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+
+from xnai_tasks.security.keys import SignerSource
+from xnai_tasks.security.signing import SIG_HEADER, sign_message
+
+#: The agent this process signs as by default (set once, in a worker's parent or a client).
+_process: dict[str, SignerSource | None] = {"source": None}
+
+#: A signer for the current context (a Client's submit), over the process default.
+_context_source: ContextVar[SignerSource | None] = ContextVar("xnai_signer", default=None)
+
+
+def load_agent(home: Path, agent: str) -> SignerSource:
+    """The signing key source of ``agent`` under ``home``; the key is loaded now, so a bad one fails early."""
+    source = SignerSource(home, agent)
+    source.get()
+    return source
+
+
+def use_agent(home: Path, agent: str, *, default_only: bool = False) -> SignerSource:
+    """Sign what this process sends (messages and results) as ``agent`` unless a context says otherwise.
+
+    With ``default_only`` an existing process default is kept (a client does not take over a worker's key).
+    """
+    if default_only and _process["source"] is not None:
+        return _process["source"]
+    source = load_agent(home, agent)
+    _process["source"] = source
+    return source
+
+
+@contextmanager
+def signing_as(source: SignerSource) -> Iterator[None]:
+    """Within the block, messages published by this thread are signed by ``source``."""
+    token = _context_source.set(source)
+    try:
+        yield
+    finally:
+        _context_source.reset(token)
+
+
+def current_source() -> SignerSource | None:
+    """The signer of this thread's context (a client's submit), else the process's agent, else None."""
+    return context_source() or process_source()
+
+
+def context_source() -> SignerSource | None:
+    """The signer set by :func:`signing_as` for this thread's context, if any."""
+    return _context_source.get()
+
+
+def process_source() -> SignerSource | None:
+    """The agent this process signs as by default (a role worker's role), if any."""
+    source: SignerSource | None = _process["source"]
+    return source
+
+
+@signals.before_task_publish.connect  # type: ignore[untyped-decorator]
+def _sign_outgoing(
+    body: Any = None, headers: dict[str, Any] | None = None, routing_key: str | None = None, **_: Any
+) -> None:
+    """Add the signature header to every task message this process publishes (retries re-sign)."""
+    source = current_source()
+    if source is None or headers is None:
+        return  # unsigned: every worker refuses it
+    headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key or "")
