@@ -41,7 +41,7 @@ from xnai_tasks.models import (
     resolve_model,
     sha256_file,
 )
-from xnai_tasks.plan import RolePlan
+from xnai_tasks.plan.planner import RolePlan
 from xnai_tasks.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,7 @@ import pytest
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
-from xnai_tasks.plan import GiB, Host, MiB, Plan, detect_host, make_plan
+from xnai_tasks.plan.planner import GiB, Host, MiB, Plan, detect_host, make_plan
 
 HOSTS = {
     2: Host(physical_cores=2, logical_cpus=[0, 1], ram_bytes=4 * GiB),

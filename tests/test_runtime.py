@@ -20,7 +20,8 @@ from xnai_tasks.client.sync import Client
 from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.errors import RefusedError, SettingsError
 from xnai_tasks.ops.redis_server import EmbeddedRedis
-from xnai_tasks.plan import GiB, Host, RolePlan, for_concurrency, format_plan, plan_for
+from xnai_tasks.plan.host import plan_for
+from xnai_tasks.plan.planner import GiB, Host, RolePlan, for_concurrency, format_plan
 from xnai_tasks.security import publish
 from xnai_tasks.security.keys import init_keys
 from xnai_tasks.settings import Settings

@@ -216,7 +216,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     """The resource plan for this host: per role processes, threads, CPU set, model mode, RAM share."""
-    from xnai_tasks.plan import format_plan, plan_for
+    from xnai_tasks.plan.host import plan_for
+    from xnai_tasks.plan.planner import format_plan
 
     plan = plan_for(settings)
     print(plan.to_json() if args.json else format_plan(plan))

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TextIO, TypedDict, Type
 
 from xnai_tasks.core.files import read_json_object, write_json_atomic
 from xnai_tasks.errors import ModelError, ModelUnavailableError, OverBudgetError, UsageError
-from xnai_tasks.plan import ModelMode, RolePlan, role_models
+from xnai_tasks.plan.planner import ModelMode, RolePlan, role_models
 from xnai_tasks.settings import Settings
 
 if TYPE_CHECKING:

@@ -83,7 +83,7 @@ class Settings:
     keep_alive: float = 300.0
     model_ram_mb: int | None = None
     threads: int | None = None
-    #: Plan overrides per role (JSON text, checked to be an object of objects): see xnai_tasks.plan.
+    #: Plan overrides per role (JSON text, checked to be an object of objects): see xnai_tasks.plan.planner.
     plan_overrides: str | None = None
     llm_safe: str = "auto"
     llm_probe_timeout: int = 120

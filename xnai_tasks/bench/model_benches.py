@@ -99,7 +99,7 @@ def run_llm(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from xnai_tasks.errors import ModelError
     from xnai_tasks.llm_probe import llama_build, probe_llm
     from xnai_tasks.models import generate, load_llm, resolve_model
-    from xnai_tasks.plan import plan_for
+    from xnai_tasks.plan.host import plan_for
 
     tokens, threads, rounds = _arg(args, "tokens", 128), _arg(args, "threads", 2), _arg(args, "rounds", 3)
     runs: dict[str, list[float]] = {"queue": [], "direct": []}
@@ -271,7 +271,7 @@ def splits_for(n_cpus: int) -> list[tuple[int, int]]:
 
 
 def _worker_cpus(settings: Settings) -> list[int]:
-    from xnai_tasks.plan import plan_for
+    from xnai_tasks.plan.host import plan_for
 
     plan = plan_for(settings)
     return sorted(set(plan.host.logical_cpus) - (set() if plan.shares_reserved else set(plan.reserved_cpus)))

@@ -64,7 +64,7 @@ def server_version(binary: str) -> tuple[int, int]:
 
 def render_config(settings: Settings, acl_file: Path | None = None) -> str:
     """The redis.conf of the embedded server."""
-    from xnai_tasks.plan import plan_for  # the plan reads the model manifest
+    from xnai_tasks.plan.host import plan_for  # the plan reads the model manifest
 
     lines = [
         "port 0",

@@ -9,7 +9,7 @@ from xnai_tasks.settings import Settings
 
 def default_concurrency(settings: Settings, role: str) -> int:
     """Pool processes when the command line does not say: the plan's (``xnai plan``)."""
-    from xnai_tasks.plan import plan_for
+    from xnai_tasks.plan.host import plan_for
 
     return plan_for(settings).roles[role].processes
 

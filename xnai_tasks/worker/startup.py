@@ -5,7 +5,7 @@ Connected to Celery's signals when the app is imported, so ``xnai worker grok`` 
 
 * ``celeryd_init``: remember whether the command line named a concurrency.
 * ``worker_init`` (the worker parent, before the pool forks): compute the plan for the role
-  (:func:`xnai_tasks.plan.plan_for`), pin every thread of the process to the role's CPUs (the pool
+  (:func:`xnai_tasks.plan.host.plan_for`), pin every thread of the process to the role's CPUs (the pool
   children inherit the mask), set the concurrency when none was given, resolve and verify the models
   (a missing, truncated or wrong-checksum model is one error line and exit code 1, never a crash in a
   task), probe each LLM in a separate process (:mod:`xnai_tasks.llm_probe`: which load options run on
@@ -33,7 +33,8 @@ from celery import signals
 
 from xnai_tasks.errors import XnaiError
 from xnai_tasks.models import LLM, Generation, ModelHolder, ModelRegistry, set_encoder_threads, set_llm_threads
-from xnai_tasks.plan import RolePlan, for_concurrency, plan_for
+from xnai_tasks.plan.host import plan_for
+from xnai_tasks.plan.planner import RolePlan, for_concurrency
 from xnai_tasks.settings import Settings
 from xnai_tasks.worker.role import current_role
 from xnai_tasks.worker.textwork import Timer

@@ -25,13 +25,13 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
 
 if TYPE_CHECKING:
-    from xnai_tasks.settings import Settings
+    pass
 
 ModelMode = Literal["preload", "lazy", "none"]
 MODEL_MODES: tuple[ModelMode, ...] = ("preload", "lazy", "none")
@@ -336,32 +336,6 @@ def _check_role(plan: RolePlan) -> None:
 def role_models(role: str) -> tuple[str, ...]:
     """The model kinds (``"gguf"`` (the LLM), ``"encoder"``) a role holds."""
     return ROLE_MODELS[role]
-
-
-def plan_for(settings: Settings, host: Host | None = None) -> Plan:
-    """The plan for this host and these settings (XNAI_RESERVED_CORES, XNAI_MODEL_MODE, XNAI_PLAN, models)."""
-    from xnai_tasks.models import model_footprints  # models imports this module
-
-    footprints = model_footprints(settings)
-    overrides: dict[str, RoleOverride] = {
-        role: cast(RoleOverride, dict(fields)) for role, fields in settings.plan_override_map.items()
-    }
-    if settings.model_mode != "auto":
-        for role in c.ROLES:
-            overrides.setdefault(role, {}).setdefault("model_mode", cast(ModelMode, settings.model_mode))
-    try:
-        return make_plan(
-            host or detect_host(),
-            settings.reserved_cores,
-            overrides,
-            llm_bytes=footprints["gguf"],
-            encoder_bytes=footprints["encoder"],
-            redis_maxmemory_bytes=(settings.redis_maxmemory_mb or 0) * MiB or None,
-        )
-    except SettingsError as exc:
-        if settings.plan_overrides is not None and str(exc).startswith("plan"):
-            raise SettingsError(f"XNAI_PLAN: {exc}") from None
-        raise
 
 
 def for_concurrency(role_plan: RolePlan, concurrency: int | None, threads: int | None = None) -> RolePlan:

@@ -1,0 +1,1 @@
+"""The resource plan: how a host's CPUs, threads and RAM are split among the roles."""
