@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery
 
 import celeryconfig
+from xnai_tasks.core.signal_handlers import install_signals
 from xnai_tasks.settings import Settings
 
 #: Modules that define each role's tasks (DESIGN.md 3: one module per role).
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", cu
 
     Only the package's own ``app`` is Celery's current app (Flower builds its results on the current app).
     """
+    install_signals()
     application = Celery(
         main, include=list(ROLE_MODULES), set_as_current=current, control="xnai_tasks.security.control:SignedControl"
     )
@@ -51,15 +53,3 @@ def _config(settings: Settings) -> dict[str, Any]:
 
 
 app = create_app(current=True)
-
-
-@signals.setup_logging.connect  # type: ignore[untyped-decorator]
-def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
-    """Worker, beat and Flower processes log JSON lines under XNAI_HOME instead of Celery's default."""
-    from xnai_tasks.observability.logs import setup_logging
-
-    setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)
-
-
-# Signal handlers that must be connected in every process that loads the app.
-from xnai_tasks.worker import startup as runtime  # noqa: E402, F401

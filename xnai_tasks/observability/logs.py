@@ -53,3 +53,8 @@ def setup_logging(settings: Settings, level: str | None = None, *, stderr: bool 
         text.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(text)
     root._xnai_configured = True  # type: ignore[attr-defined]
+
+
+def on_setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """Celery's ``setup_logging`` signal: worker, beat and Flower log JSON lines under XNAI_HOME."""
+    setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)

@@ -3,7 +3,7 @@
 Keys are per role (``xnai:nonce:ROLE:NONCE``, :func:`xnai_tasks.core.constants.nonce_key`), so only the role
 that consumed a message (its ACL user) can touch its nonce. The gate claims (:func:`claim_nonce`); the
 result backend marks a task's nonce done in the pipeline that stores its final result
-(:data:`finishing`); ``task_postrun`` marks it otherwise (:func:`_finish_task`).
+(:data:`finishing`); ``task_postrun`` marks it otherwise (:func:`finish_task`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 import redis
-from celery import current_task, signals
+from celery import current_task
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.security.signing import SIG_HEADER
@@ -73,8 +73,7 @@ def finish_nonce(conn: redis.Redis, nonce_key: str) -> None:
     conn.set(nonce_key, NONCE_DONE, xx=True, keepttl=True)
 
 
-@signals.task_postrun.connect  # type: ignore[untyped-decorator]
-def _finish_task(sender: Any = None, **_: Any) -> None:
+def finish_task(sender: Any = None, **_: Any) -> None:
     """After a task ran (in the pool child), its nonce becomes ``done``: any later copy is a replay."""
     nonce_key = _nonce_key_of(sender)
     if nonce_key is None:

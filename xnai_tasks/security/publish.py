@@ -14,8 +14,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from celery import signals
-
 from xnai_tasks.security.keys import SignerSource
 from xnai_tasks.security.signing import SIG_HEADER, sign_message
 
@@ -71,8 +69,7 @@ def process_source() -> SignerSource | None:
     return source
 
 
-@signals.before_task_publish.connect  # type: ignore[untyped-decorator]
-def _sign_outgoing(
+def sign_outgoing(
     body: Any = None, headers: dict[str, Any] | None = None, routing_key: str | None = None, **_: Any
 ) -> None:
     """Add the signature header to every task message this process publishes (retries re-sign)."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import signals
-
 from xnai_tasks.core import constants as c
 
 _state: dict[str, str | None] = {"role": None}
@@ -43,8 +41,7 @@ def set_role(role: str | None) -> None:
     _state["role"] = role
 
 
-@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
-def _decide_role(sender: str | None = None, conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+def decide_role(sender: str | None = None, conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
     """Pick the role; from now on connect as its Redis ACL user and sign as its agent.
 
     This runs in the worker's parent before anything connects or forks, so pool children inherit both.

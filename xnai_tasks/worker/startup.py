@@ -29,8 +29,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from celery import signals
-
 from xnai_tasks.errors import XnaiError
 from xnai_tasks.models import LLM, Generation, ModelHolder, ModelRegistry, set_encoder_threads, set_llm_threads
 from xnai_tasks.plan.host import plan_for
@@ -248,16 +246,14 @@ def _fatal(role: str, exc: BaseException) -> None:
     raise SystemExit(1)
 
 
-# ---------------------------------------------------------------- signal handlers
+# ---------------------------------------------------------------- signal handlers (connected by core.signal_handlers)
 
 
-@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
-def _remember_options(sender: str | None = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+def remember_options(sender: str | None = None, options: dict[str, Any] | None = None, **_: Any) -> None:
     _state.explicit_concurrency = (options or {}).get("concurrency")
 
 
-@signals.worker_init.connect  # type: ignore[untyped-decorator]
-def _on_worker_init(sender: Any = None, **_: Any) -> None:
+def on_worker_init(sender: Any = None, **_: Any) -> None:
     role = current_role()
     if role is None:
         return
@@ -275,15 +271,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         publish_verdicts(str(sender.app.conf.broker_url), role)
 
 
-@signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
-def _freeze_before_fork(**_: Any) -> None:
+def freeze_before_fork(**_: Any) -> None:
     if _state.role_plan is not None and _state.role_plan.model_mode == "preload":
         gc.collect()
         gc.freeze()
 
 
-@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
-def _on_child_start(**_: Any) -> None:
+def on_child_start(**_: Any) -> None:
     plan, role = _state.role_plan, _state.role
     if plan is None or role is None:
         return

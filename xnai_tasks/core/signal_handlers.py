@@ -1,0 +1,41 @@
+"""Every Celery signal handler of xnai-tasks, connected by one call, in the order they must run.
+
+Celery's signals are process-wide. :func:`install_signals` runs when an app is created
+(:func:`xnai_tasks.core.celery_app.create_app`); connecting twice is harmless (each handler has a
+``dispatch_uid``). Nothing is connected by importing a module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+
+
+def install_signals() -> None:
+    """Connect the handlers: logging, the worker's start-up, the publish hook and the replay ledger."""
+    from xnai_tasks.observability.logs import on_setup_logging
+    from xnai_tasks.security.ledger import finish_task
+    from xnai_tasks.security.publish import sign_outgoing
+    from xnai_tasks.worker import startup
+    from xnai_tasks.worker.role import decide_role
+
+    connections: list[tuple[Any, Any]] = [
+        # Worker, beat and Flower log JSON lines under XNAI_HOME instead of Celery's default.
+        (signals.setup_logging, on_setup_logging),
+        # The worker's parent, before anything connects: first the role (its ACL user and signing key),
+        # then what the start-up needs to know of the command line.
+        (signals.celeryd_init, decide_role),
+        (signals.celeryd_init, startup.remember_options),
+        # The parent, before the pool forks: plan, models, LLM probe; then gc.freeze for preloaded models.
+        (signals.worker_init, startup.on_worker_init),
+        (signals.celeryd_after_setup, startup.freeze_before_fork),
+        # Each pool child: its threads.
+        (signals.worker_process_init, startup.on_child_start),
+        # Every process that publishes: sign each task message.
+        (signals.before_task_publish, sign_outgoing),
+        # The pool child, after a task: its nonce is done.
+        (signals.task_postrun, finish_task),
+    ]
+    for signal, handler in connections:
+        signal.connect(handler, weak=False, dispatch_uid=f"xnai.{handler.__module__}.{handler.__name__}")
