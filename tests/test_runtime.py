@@ -25,7 +25,8 @@ from xnai_tasks.plan.planner import GiB, Host, RolePlan, for_concurrency, format
 from xnai_tasks.security import publish
 from xnai_tasks.security.keys import init_keys
 from xnai_tasks.settings import Settings
-from xnai_tasks.worker.textwork import extract_code, sentences, validate_code
+from xnai_tasks.worker.code import extract_code, validate_code
+from xnai_tasks.worker.sentences import sentences
 
 from support import run_xnai, short_home
 

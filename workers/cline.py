@@ -11,8 +11,10 @@ from typing import Any
 
 from xnai_tasks import models as m
 from xnai_tasks.worker import startup as runtime
+from xnai_tasks.worker.arguments import optional_text, require_count, require_text
+from xnai_tasks.worker.code import extract_code, validate_code
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
-from xnai_tasks.worker.textwork import Timer, extract_code, optional_text, require_count, require_text, validate_code
+from xnai_tasks.worker.timer import Timer
 
 ROLE = "cline"
 DOCS_MAX_TOKENS = 200

@@ -12,9 +12,10 @@ from typing import Any
 from xnai_tasks import models as m
 from xnai_tasks.errors import UsageError
 from xnai_tasks.worker import startup as runtime
+from xnai_tasks.worker.arguments import require_count, require_text, require_texts
 from xnai_tasks.worker.memory_bank import MemoryBank
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
-from xnai_tasks.worker.textwork import Timer, require_count, require_text, require_texts
+from xnai_tasks.worker.timer import Timer
 
 ROLE = "curation"
 #: Chunks of at most this many words (an encoder token is ~0.75 word; the encoder reads 256 tokens).

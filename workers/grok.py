@@ -13,8 +13,10 @@ from typing import Any
 from xnai_tasks import models as m
 from xnai_tasks.errors import ModelError, RefusedError, UsageError
 from xnai_tasks.worker import startup as runtime
+from xnai_tasks.worker.arguments import optional_text, require_count, require_text
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
-from xnai_tasks.worker.textwork import Timer, optional_text, require_count, require_text, sentences
+from xnai_tasks.worker.sentences import sentences
+from xnai_tasks.worker.timer import Timer
 
 ROLE = "grok"
 SYNTHESIZE_MAX_TOKENS = 256

@@ -35,7 +35,7 @@ from xnai_tasks.plan.host import plan_for
 from xnai_tasks.plan.planner import RolePlan, for_concurrency
 from xnai_tasks.settings import Settings
 from xnai_tasks.worker.role import current_role
-from xnai_tasks.worker.textwork import Timer
+from xnai_tasks.worker.timer import Timer
 
 log = logging.getLogger(__name__)
 
