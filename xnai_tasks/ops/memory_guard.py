@@ -22,12 +22,15 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import redis
+from kombu.utils.encoding import bytes_to_str
 
+from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
+from xnai_tasks.security import acl
 from xnai_tasks.security.keys import Keyring
 from xnai_tasks.security.signing import verify_message
 from xnai_tasks.settings import Settings
@@ -193,8 +196,7 @@ class MemoryGuard:
     def lock(self, role: str, held_bytes: int, maxmemory: int) -> Lock:
         """Lock ``role`` out of Redis: no new connection, its current ones closed. Nothing is deleted."""
         lock = Lock(role=role, held_bytes=held_bytes, maxmemory=maxmemory, at=time.time())
-        self.admin.execute_command("ACL", "SETUSER", role, "off")
-        self.admin.execute_command("CLIENT", "KILL", "USER", role)
+        self._shut_out(role)
         self.admin.hset(c.guard_locks_key(), role, json.dumps({"reason": lock.reason(), "at": lock.at}))
         self.say(f"memory guard: locked out {role}: {lock.reason()}; unlock with: xnai acl unlock {role}")
         return lock
@@ -226,11 +228,15 @@ class MemoryGuard:
         """A lock outlives a Redis restart (which reloads the ACL file): apply the kept ones again."""
         try:
             for role in current_locks(self.admin):
-                self.admin.execute_command("ACL", "SETUSER", role, "off")
-                self.admin.execute_command("CLIENT", "KILL", "USER", role)
+                self._shut_out(role)
         except redis.RedisError:
             return False  # Redis not up yet: next round
         return True
+
+    def _shut_out(self, role: str) -> None:
+        """No new connection as ``role`` (ACL user off), and its open ones closed."""
+        self.admin.execute_command("ACL", "SETUSER", role, "off")
+        self.admin.execute_command("CLIENT", "KILL", "USER", role)
 
     def _locked(self, role: str) -> bool:
         return bool(self.admin.hexists(c.guard_locks_key(), role))
@@ -240,13 +246,13 @@ class MemoryGuard:
             for _ in range(SAMPLE_KEYS):
                 pipe.randomkey()
             drawn = pipe.execute()
-        return [_text(k) for k in drawn if k is not None]
+        return [bytes_to_str(k) for k in drawn if k is not None]
 
     def _every_key(self) -> list[str]:
         deadline = time.monotonic() + SCAN_BUDGET_S
         keys: list[str] = []
         for key in self.admin.scan_iter(count=1000):
-            keys.append(_text(key))
+            keys.append(bytes_to_str(key))
             if time.monotonic() > deadline:
                 break
         return keys
@@ -297,17 +303,14 @@ def current_locks(conn: redis.Redis) -> dict[str, str]:
     locks: dict[str, str] = {}
     for role, raw in conn.hgetall(c.guard_locks_key()).items():
         try:
-            locks[_text(role)] = str(json.loads(raw)["reason"])
+            locks[bytes_to_str(role)] = str(json.loads(raw)["reason"])
         except (ValueError, KeyError, TypeError):
-            locks[_text(role)] = "(unreadable)"
+            locks[bytes_to_str(role)] = "(unreadable)"
     return locks
 
 
 def unlock(settings: Settings, role: str) -> str | None:
     """Let ``role`` connect again (``xnai acl unlock ROLE``); returns why it was locked, if it was."""
-    from xnai_tasks.core import broker
-    from xnai_tasks.security import acl
-
     conn = broker.connect(acl.connection_url(settings, acl.ADMIN))
     try:
         reason = current_locks(conn).get(role)
@@ -316,7 +319,3 @@ def unlock(settings: Settings, role: str) -> str | None:
         return reason
     finally:
         conn.close()
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

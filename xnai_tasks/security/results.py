@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend, ResultConsumer
+from kombu.utils.encoding import bytes_to_str
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError
@@ -84,13 +85,13 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
 
     ResultConsumer = VerifyingResultConsumer
 
-    @property
+    @cached_property
     def writer_role(self) -> str:
         """The role whose namespace this process stores results in (the copilot's unless it is a role worker)."""
         role = self.app.conf.get("xnai_result_role")
         return str(role) if role in c.ROLES else "copilot"
 
-    @property
+    @cached_property
     def reads_every_role(self) -> bool:
         """A role worker reads only its own results (its ACL allows no more); everyone else reads all."""
         return self.writer_role not in c.WORKER_ROLES
@@ -218,7 +219,7 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return str(bytes_to_str(value))
 
 
 def _latest(values: list[Any]) -> Any:
