@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from kombu import Exchange, Queue
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.security import acl
+from xnai_tasks.security import acl, redis_urls, role_config
 
 if TYPE_CHECKING:
     from xnai_tasks.settings import Settings
@@ -83,7 +83,7 @@ def transport_options(settings: Settings, role: str | None = None) -> dict[str, 
         "unacked_restore_throttle": 1,
     }
     if role is not None and role != acl.ADMIN:
-        options.update(acl.worker_transport_options(role))
+        options.update(role_config.worker_transport_options(role))
     return options
 
 
@@ -95,8 +95,8 @@ def identity(settings: Settings, role: str | None = None) -> tuple[str, str | No
     """
     if settings.embedded:
         user = role or acl.DEFAULT_USER
-        return acl.connection_url(settings, user), user
-    named = role or acl.url_user(settings.broker_url)
+        return redis_urls.connection_url(settings, user), user
+    named = role or redis_urls.url_user(settings.broker_url)
     return settings.broker_url, named if role or named in acl.USERS else None
 
 

@@ -61,7 +61,8 @@ def publish_raw(
     The message is Celery's own protocol 2; it is signed with ``signer`` (over ``sign_queue`` or
     ``queue``) when given, then ``mutate`` may change its headers. Returns (task id, headers, body).
     """
-    from xnai_tasks.security.signing import SIG_HEADER, sign_message
+    from xnai_tasks.security.message_signature import sign_message
+    from xnai_tasks.security.signature import SIG_HEADER
 
     task_id = task_id or str(uuid.uuid4())
     message = app.amqp.as_task_v2(task_id, task, args=(), kwargs=kwargs or {})

@@ -30,8 +30,9 @@ from xnai_tasks.core import constants as c
 from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.errors import RedisServerError, SettingsError
 from xnai_tasks.ops.redis_server import EmbeddedRedis, find_redis_server, server_version
-from xnai_tasks.security import acl
-from xnai_tasks.security.keys import init_keys
+from xnai_tasks.security import acl, password_file, role_config
+from xnai_tasks.security.key_admin import init_keys
+from xnai_tasks.security.redis_urls import role_broker_url, with_credentials
 from xnai_tasks.settings import Settings
 
 from support import short_home
@@ -113,10 +114,10 @@ def denials(srv: EmbeddedRedis) -> list[dict[str, Any]]:
 
 def test_passwords_are_made_once_private_and_never_in_the_acl_file(home: Path) -> None:
     # When the passwords are ensured twice
-    first = acl.ensure_passwords(home)
-    second = acl.ensure_passwords(home)
+    first = password_file.ensure_passwords(home)
+    second = password_file.ensure_passwords(home)
     # Then there is one strong password per user, kept in a 0600 file, the same both times
-    path = acl.passwords_path(home)
+    path = password_file.passwords_path(home)
     assert first == second and set(first) == set(acl.USERS)
     assert all(len(password) >= 32 for password in first.values())
     assert len(set(first.values())) == len(acl.USERS)
@@ -131,20 +132,20 @@ def test_passwords_are_made_once_private_and_never_in_the_acl_file(home: Path) -
 
 def test_processes_racing_to_create_the_passwords_agree(home: Path) -> None:
     results: list[dict[str, str]] = []
-    threads = [threading.Thread(target=lambda: results.append(acl.ensure_passwords(home))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(password_file.ensure_passwords(home))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert len(results) == 8 and all(result == results[0] for result in results)
-    assert [p.name for p in acl.passwords_path(home).parent.iterdir()] == [acl.PASSWORDS_FILE]
+    assert [p.name for p in password_file.passwords_path(home).parent.iterdir()] == [password_file.PASSWORDS_FILE]
 
 
 def test_a_passwords_file_readable_by_others_is_refused(home: Path) -> None:
-    acl.ensure_passwords(home)
-    acl.passwords_path(home).chmod(0o644)
+    password_file.ensure_passwords(home)
+    password_file.passwords_path(home).chmod(0o644)
     with pytest.raises(SettingsError, match="chmod 600"):
-        acl.ensure_passwords(home)
+        password_file.ensure_passwords(home)
 
 
 def test_display_rendering_has_placeholders_and_one_line_per_user() -> None:
@@ -160,22 +161,22 @@ def test_display_rendering_has_placeholders_and_one_line_per_user() -> None:
 
 
 def test_role_urls_carry_the_users_credentials(home: Path) -> None:
-    passwords = acl.ensure_passwords(home)
+    passwords = password_file.ensure_passwords(home)
     embedded = Settings(home=home)
-    url = acl.role_broker_url(embedded, "cline", passwords)
+    url = role_broker_url(embedded, "cline", passwords)
     assert url == f"redis+socket://cline:{passwords['cline']}@{embedded.redis_socket}"
     external = Settings(home=home, redis_url="redis://10.1.2.3:6379/2")
-    assert acl.role_broker_url(external, "grok", passwords) == f"redis://grok:{passwords['grok']}@10.1.2.3:6379/2"
-    replaced = acl.with_credentials("rediss://old:secret@host:6380/0?ssl_cert_reqs=required", "flower", "p@ss/w")
+    assert role_broker_url(external, "grok", passwords) == f"redis://grok:{passwords['grok']}@10.1.2.3:6379/2"
+    replaced = with_credentials("rediss://old:secret@host:6380/0?ssl_cert_reqs=required", "flower", "p@ss/w")
     assert replaced == "rediss://flower:p%40ss%2Fw@host:6380/0?ssl_cert_reqs=required"
 
 
 def test_apply_role_sets_credentials_and_the_roles_own_unacked_keys(home: Path) -> None:
     settings = Settings(home=home)
-    passwords = acl.ensure_passwords(home)
+    passwords = password_file.ensure_passwords(home)
     app = create_app(settings, main="xnai_test_apply_role")
-    acl.apply_role(app.conf, settings, "grok")
-    assert app.conf.broker_url == acl.role_broker_url(settings, "grok", passwords)
+    role_config.apply_role(app.conf, settings, "grok")
+    assert app.conf.broker_url == role_broker_url(settings, "grok", passwords)
     # the result backend keeps its backend class and gets the same credentials
     assert f"grok:{passwords['grok']}@{settings.redis_socket}" in app.conf.result_backend
     options = app.conf.broker_transport_options
@@ -363,9 +364,9 @@ def test_a_reused_server_must_know_our_admin(home: Path) -> None:
     settings = Settings(home=home)
     with EmbeddedRedis(settings) as first:
         # When the passwords file is replaced, a second start cannot reuse the server
-        path = acl.passwords_path(home)
+        path = password_file.passwords_path(home)
         path.unlink()
-        acl.ensure_passwords(home)
+        password_file.ensure_passwords(home)
         with pytest.raises(RedisServerError, match="refuses the admin credentials"):
             EmbeddedRedis(settings).start()
         assert first.process is not None and first.process.poll() is None
@@ -461,7 +462,7 @@ def test_a_worker_with_only_its_roles_credential_does_its_whole_job(e2e: tuple[E
     home = srv.settings.home
     admin = srv.client()
     admin.execute_command("ACL", "LOG", "RESET")
-    assert not (worker_home / acl.ACL_DIR).exists()
+    assert not (worker_home / password_file.ACL_DIR).exists()
     # Given a cline worker whose only Redis credential is the cline user
     worker = subprocess.Popen(
         worker_command(kind),

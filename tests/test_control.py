@@ -25,11 +25,12 @@ from xnai_tasks.client.sync import Client
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.core.celery_app import create_app
+from xnai_tasks.core.nodes import workers_online
 from xnai_tasks.observability.status import collect_status
 from xnai_tasks.ops.flower import ensure_credentials
-from xnai_tasks.ops.supervisor import Stack, workers_online
-from xnai_tasks.security import acl
-from xnai_tasks.security.keys import SignerSource
+from xnai_tasks.ops.supervisor import Stack
+from xnai_tasks.security import acl, password_file, redis_urls
+from xnai_tasks.security.keyring import SignerSource
 from xnai_tasks.security.publish import signing_as
 from xnai_tasks.settings import Settings
 
@@ -45,7 +46,7 @@ COMMANDS: list[tuple[str, dict[str, Any]]] = [
 
 @pytest.fixture(scope="module")
 def admin(stack: Stack, stack_settings: Settings) -> Iterator[redis.Redis]:
-    conn = broker.connect(acl.connection_url(stack_settings, acl.ADMIN))
+    conn = broker.connect(redis_urls.connection_url(stack_settings, acl.ADMIN))
     yield conn
     conn.close()
 
@@ -53,7 +54,7 @@ def admin(stack: Stack, stack_settings: Settings) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="module")
 def as_cline(stack: Stack, stack_settings: Settings) -> Iterator[Celery]:
     """A Celery app connected with the cline role's Redis credential, signing nothing of its own."""
-    url = acl.connection_url(stack_settings, "cline")
+    url = redis_urls.connection_url(stack_settings, "cline")
     app = create_app(Settings(home=stack_settings.home, redis_url=url), main="xnai_test_hostile")
     app.conf.xnai_control_agent = None
     yield app
@@ -142,7 +143,7 @@ def test_forged_ping_replies_do_not_make_a_node_look_online(
 ) -> None:
     # Given a hostile process on cline's credential that answers every ping, unsigned, as its own node
     # "cline@ghost" and, in a second reply, as "grok@ghost" (the reply body names the node)
-    url = acl.connection_url(stack_settings, "cline")
+    url = redis_urls.connection_url(stack_settings, "cline")
     stop = threading.Event()
     answered = threading.Event()
 
@@ -186,7 +187,7 @@ def test_no_password_in_replies_flower_pages_or_logs(
     stack: Stack, stack_settings: Settings, control_app: Celery
 ) -> None:
     # Given every ACL user's password
-    passwords = [p for p in json.loads(acl.passwords_path(stack_settings.home).read_text()).values()]
+    passwords = [p for p in json.loads(password_file.passwords_path(stack_settings.home).read_text()).values()]
     # When the copilot inspects every worker (stats report the broker connection) and its configuration
     inspect = control_app.control.inspect(timeout=2)
     replies = json.dumps([inspect.stats(), inspect.conf(), inspect.active_queues()], default=str)

@@ -12,21 +12,10 @@ import pytest
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import KeyringError, UsageError
-from xnai_tasks.security.keys import (
-    Keyring,
-    KeyStatus,
-    SignerSource,
-    authorize,
-    init_keys,
-    key_id,
-    keyring_path,
-    keys_dir,
-    list_keys,
-    load_signer,
-    private_key_path,
-    revoke,
-    rotate,
-)
+from xnai_tasks.security.key_admin import authorize, init_keys, list_keys, revoke, rotate
+from xnai_tasks.security.key_pair import KeyStatus, key_id
+from xnai_tasks.security.key_store import keyring_path, keys_dir, private_key_path
+from xnai_tasks.security.keyring import Keyring, SignerSource, load_signer
 
 T0 = 1_700_000_000.0
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from xnai_tasks import llm_probe
-from xnai_tasks.llm_probe import SAFE_OPTIONS, VerdictStore, looks_like_text, probe_llm, verdict_key
 from xnai_tasks.models import ModelFile, resolve_model
+from xnai_tasks.models import probe as llm_probe
+from xnai_tasks.models.probe import SAFE_OPTIONS, VerdictStore, looks_like_text, probe_llm, verdict_key
 from xnai_tasks.settings import Settings
 
 TESTS_DIR = str(Path(__file__).resolve().parent)

@@ -22,8 +22,8 @@ from xnai_tasks.core import constants as c
 from xnai_tasks.observability.status import collect_status, format_status
 from xnai_tasks.ops.memory_guard import MemoryGuard, owner_of
 from xnai_tasks.ops.supervisor import Stack
-from xnai_tasks.security import acl
-from xnai_tasks.security.keys import load_signer, shared_keyring
+from xnai_tasks.security import acl, redis_urls
+from xnai_tasks.security.keyring import load_signer, shared_keyring
 from xnai_tasks.settings import Settings
 
 from support import publish_raw, run_xnai, short_home
@@ -86,7 +86,7 @@ def _flood_targets(cline: redis.Redis, blob: bytes) -> list[Callable[[int], obje
 def test_a_role_flooding_redis_is_locked_out_and_the_others_go_on(
     grok_worker: None, private_settings: Settings, private_client: Client
 ) -> None:
-    admin = broker.connect(acl.connection_url(private_settings, acl.ADMIN))
+    admin = broker.connect(redis_urls.connection_url(private_settings, acl.ADMIN))
     cap = int(admin.info("memory")["maxmemory"])
     assert cap == CAP_MB * 2**20  # the cap the plan gave, through XNAI_REDIS_MAXMEMORY_MB
     # Given the copilot keeps sending grok tasks while ...
@@ -102,7 +102,7 @@ def test_a_role_flooding_redis_is_locked_out_and_the_others_go_on(
     submitter = threading.Thread(target=keep_submitting, daemon=True)
     submitter.start()
     # ... cline's credential writes 1 MiB values into every kind of key it may write, as fast as it can
-    cline = broker.connect(acl.connection_url(private_settings, "cline"))
+    cline = broker.connect(redis_urls.connection_url(private_settings, "cline"))
     targets = _flood_targets(cline, b"x" * 2**20)
     stopped_by: Exception | None = None
     deadline = time.monotonic() + 60
@@ -119,7 +119,7 @@ def test_a_role_flooding_redis_is_locked_out_and_the_others_go_on(
     assert "OOM" not in str(stopped_by), stopped_by
     assert "off" in admin.acl_getuser("cline")["flags"]
     with pytest.raises(redis.RedisError):  # ... and cline cannot come back
-        broker.connect(acl.connection_url(private_settings, "cline")).ping()
+        broker.connect(redis_urls.connection_url(private_settings, "cline")).ping()
     used = int(admin.info("memory")["used_memory"])
     assert used < cap, f"Redis reached its cap: {used} of {cap}"
     # ... and the copilot and grok went on and go on: every task answered, nobody was refused for memory
@@ -141,7 +141,7 @@ def test_a_role_flooding_redis_is_locked_out_and_the_others_go_on(
     admin.delete(c.dead_letter_key("cline"), c.queue_for("cline"), c.unacked_key("cline"))
     unlocked = run_xnai(["acl", "unlock", "cline"], private_settings)
     assert unlocked.returncode == 0 and "unlocked cline (it was locked: cline held" in unlocked.stdout
-    assert broker.connect(acl.connection_url(private_settings, "cline")).ping()
+    assert broker.connect(redis_urls.connection_url(private_settings, "cline")).ping()
     admin.close()
 
 
@@ -151,11 +151,21 @@ def test_unlocking_needs_a_role_name() -> None:
     assert done.returncode == 2 and "unknown role ''" in done.stderr
 
 
+def test_unlocking_without_redis_says_it_is_unreachable() -> None:
+    # Given a home whose embedded Redis is not running
+    stopped = Settings(home=short_home())
+    # When a role is unlocked
+    done = run_xnai(["acl", "unlock", "cline"], stopped)
+    # Then one line says the broker is unreachable (exit 6), with no traceback
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.startswith("xnai: broker unreachable at") and "Traceback" not in done.stderr
+
+
 def test_the_copilots_backlog_is_not_a_roles_flood(
     private_stack: Stack, private_settings: Settings, private_app: Celery
 ) -> None:
     # Given 24 MiB of genuine copilot messages waiting in cline's queue (no cline worker runs here)
-    admin = broker.connect(acl.connection_url(private_settings, acl.ADMIN))
+    admin = broker.connect(redis_urls.connection_url(private_settings, acl.ADMIN))
     said: list[str] = []
     guard = MemoryGuard(
         admin, shared_keyring(private_settings.home), max_message_age=private_settings.max_message_age, say=said.append
@@ -174,7 +184,7 @@ def test_the_copilots_backlog_is_not_a_roles_flood(
         assert locks == [] and "off" not in admin.acl_getuser("cline")["flags"]
         assert said and "the most copilot's" in said[-1], said
         # But one copy of a message already in the queue makes it a flood of cline's own
-        cline = broker.connect(acl.connection_url(private_settings, "cline"))
+        cline = broker.connect(redis_urls.connection_url(private_settings, "cline"))
         cline.lpush("cline", admin.lindex("cline", 0) or b"")
         cline.close()
         assert guard.measure(sample=False).top()[0] == "cline"

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from xnai_tasks.errors import ModelError, OverBudgetError, UsageError
-from xnai_tasks.llm_probe import probe_llm
 from xnai_tasks.models import (
     LLM,
     MANIFEST_PATH,
@@ -41,6 +40,7 @@ from xnai_tasks.models import (
     resolve_model,
     sha256_file,
 )
+from xnai_tasks.models.probe import probe_llm
 from xnai_tasks.plan.planner import RolePlan
 from xnai_tasks.settings import Settings
 
@@ -136,7 +136,17 @@ def test_cosine() -> None:
 
 
 def fake_file(ram_bytes: int = 100 * MiB) -> ModelFile:
-    return ModelFile("fake", "encoder", Path("/nowhere"), 10, None, False, ram_bytes, {}, False)
+    return ModelFile(
+        name="fake",
+        kind="encoder",
+        path=Path("/nowhere"),
+        size_bytes=10,
+        sha256=None,
+        checked=False,
+        ram_bytes=ram_bytes,
+        params={},
+        default=False,
+    )
 
 
 def test_lazy_holder_loads_on_use_and_unloads_when_idle() -> None:
@@ -337,7 +347,9 @@ def test_generate(llm: LLM) -> None:
 @needs_models
 @pytest.mark.slow
 def test_registry_for_role(settings: Settings) -> None:
-    plan = RolePlan("grok", 1, 1, [0], "lazy", 1 << 30)
+    plan = RolePlan(
+        role="grok", processes=1, threads_per_process=1, cpus=[0], model_mode="lazy", ram_share_bytes=1 << 30
+    )
     registry = ModelRegistry.for_role("grok", settings, plan, keep_alive=3600)
     assert [h["loaded"] for h in registry.describe()] == [False, False]
     with registry.encoder.use() as enc:

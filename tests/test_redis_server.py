@@ -15,7 +15,7 @@ from xnai_tasks.client.sync import Client
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.ops.redis_server import EmbeddedRedis, find_redis_server
-from xnai_tasks.security.keys import init_keys
+from xnai_tasks.security.key_admin import init_keys
 from xnai_tasks.settings import Settings
 
 from support import run_xnai

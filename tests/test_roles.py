@@ -14,7 +14,7 @@ from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import UnknownRoleError, UnknownTaskError
 from xnai_tasks.ops.supervisor import Stack
-from xnai_tasks.security import acl
+from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.settings import Settings
 
 
@@ -51,7 +51,7 @@ def test_a_task_pushed_into_another_roles_queue_is_refused(
     stack: Stack, stack_settings: Settings, control_app: Celery
 ) -> None:
     # Given a grok task forced into the cline queue, bypassing the routes
-    conn = broker.connect(acl.connection_url(stack_settings, acl.ADMIN))
+    conn = broker.connect(redis_urls.connection_url(stack_settings, acl.ADMIN))
     before = int(conn.hget(c.refused_counter_key("cline"), "wrong_queue") or 0)
     result = control_app.send_task("grok.echo", kwargs={"value": "moved"}, queue="cline", routing_key="cline")
     # When the cline worker receives it

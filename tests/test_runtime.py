@@ -23,7 +23,7 @@ from xnai_tasks.ops.redis_server import EmbeddedRedis
 from xnai_tasks.plan.host import plan_for
 from xnai_tasks.plan.planner import GiB, Host, RolePlan, for_concurrency, format_plan
 from xnai_tasks.security import publish
-from xnai_tasks.security.keys import init_keys
+from xnai_tasks.security.key_admin import init_keys
 from xnai_tasks.settings import Settings
 from xnai_tasks.worker.code import extract_code, validate_code
 from xnai_tasks.worker.sentences import sentences
@@ -34,7 +34,9 @@ from support import run_xnai, short_home
 
 
 def test_for_concurrency_keeps_within_the_cpus() -> None:
-    plan = RolePlan("grok", 1, 3, [2, 3, 4], "preload", 1 << 30)
+    plan = RolePlan(
+        role="grok", processes=1, threads_per_process=3, cpus=[2, 3, 4], model_mode="preload", ram_share_bytes=1 << 30
+    )
     assert for_concurrency(plan, None) == plan
     assert (for_concurrency(plan, 3).processes, for_concurrency(plan, 3).threads_per_process) == (3, 1)
     assert for_concurrency(plan, 2).threads_per_process == 1
@@ -162,7 +164,7 @@ def grok_stack(request: pytest.FixtureRequest) -> Iterator[tuple[psutil.Process,
     settings = Settings(home=home, **request.param)
     init_keys(home)
     # A Client signs with a process-wide key (publish.use_agent): give the session's back afterwards.
-    signer = publish._process["source"]
+    signer = publish.process_source()
     with EmbeddedRedis(settings):
         control = create_app(settings, main="xnai_test_grok")
         proc = start_worker(settings, "grok")
@@ -174,7 +176,7 @@ def grok_stack(request: pytest.FixtureRequest) -> Iterator[tuple[psutil.Process,
             client.close()
             control.close()
             stop_worker(proc)
-            publish._process["source"] = signer
+            publish._signers.process = signer
     shutil.rmtree(home, ignore_errors=True)
 
 
@@ -273,7 +275,17 @@ def test_ram_cap_counts_the_models_already_loaded() -> None:
     from xnai_tasks.models import ModelFile, ModelHolder, RamBudget
 
     def fake(name: str, mib: int) -> ModelFile:
-        return ModelFile(name, "encoder", Path("/nowhere"), 1, None, False, mib << 20, {}, False)
+        return ModelFile(
+            name=name,
+            kind="encoder",
+            path=Path("/nowhere"),
+            size_bytes=1,
+            sha256=None,
+            checked=False,
+            ram_bytes=mib << 20,
+            params={},
+            default=False,
+        )
 
     budget = RamBudget(500 << 20)
     plenty = lambda: 64 << 30  # noqa: E731

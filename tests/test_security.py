@@ -18,9 +18,10 @@ from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError, TaskRevokedError, UsageError
 from xnai_tasks.ops.supervisor import Stack
-from xnai_tasks.security import acl, keys
-from xnai_tasks.security.keys import Signer, load_signer
-from xnai_tasks.security.signing import SIG_HEADER
+from xnai_tasks.security import acl, key_admin, keyring, redis_urls
+from xnai_tasks.security.key_pair import Signer
+from xnai_tasks.security.keyring import load_signer
+from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.settings import Settings
 
 from support import publish_raw, resend, run_xnai
@@ -28,7 +29,7 @@ from support import publish_raw, resend, run_xnai
 
 @pytest.fixture(scope="module")
 def conn(stack: Stack, stack_settings: Settings) -> Iterator[redis.Redis]:
-    connection = broker.connect(acl.connection_url(stack_settings, acl.ADMIN))
+    connection = broker.connect(redis_urls.connection_url(stack_settings, acl.ADMIN))
     yield connection
     connection.close()
 
@@ -225,14 +226,14 @@ def test_replayed_message_is_refused_and_runs_once(
 def test_revoked_key_is_refused(stack: Stack, stack_settings: Settings, control_app: Celery, conn: redis.Redis) -> None:
     # Given an extra agent allowed to dispatch cline tasks, whose key is then revoked
     home = stack_settings.home
-    keys.init_keys(home, agents=("tester",))
-    keys.authorize(home, "tester", ["cline.*"])
+    key_admin.init_keys(home, agents=("tester",))
+    key_admin.authorize(home, "tester", ["cline.*"])
     tester = load_signer(home, "tester")
-    time.sleep(keys.REFRESH_S + 0.5)  # workers re-read the keyring at most this often
+    time.sleep(keyring.REFRESH_S + 0.5)  # workers re-read the keyring at most this often
     task_id = publish_raw(control_app, task="cline.echo", queue="cline", signer=tester, kwargs={"value": "ok"})[0]
     assert AsyncResult(task_id, app=control_app).get(timeout=30) == "ok"
-    keys.revoke(home, tester.kid)
-    time.sleep(keys.REFRESH_S + 0.5)
+    key_admin.revoke(home, tester.kid)
+    time.sleep(keyring.REFRESH_S + 0.5)
     # When it signs another message, Then that is refused
     assert_refused(
         conn, stack_settings, control_app, "cline", "revoked_key",
@@ -306,7 +307,7 @@ def test_forged_results_are_refused_by_the_client(
     elif forgery == "forged":
         meta[SIG_HEADER]["sig"] = meta[SIG_HEADER]["sig"][::-1]
     else:  # a valid signature, but by the cline worker, for a task sent to grok
-        from xnai_tasks.security.signing import sign_result
+        from xnai_tasks.security.result_signature import sign_result
 
         meta[SIG_HEADER] = sign_result(
             load_signer(stack_settings.home, "cline"), task_id=handle.id, status="SUCCESS", result="genuine"
@@ -371,7 +372,7 @@ def test_another_role_cannot_reset_a_finished_messages_nonce(
     assert AsyncResult(task_id, app=control_app).get(timeout=30) == "ledger"
     key = c.nonce_key("grok", headers[SIG_HEADER]["nonce"])
     # When cline's credential tries to delete, overwrite or expire that message's nonce
-    cline = broker.connect(acl.connection_url(stack_settings, "cline"))
+    cline = broker.connect(redis_urls.connection_url(stack_settings, "cline"))
     attempts: list[Callable[[], object]] = [
         lambda: cline.delete(key),
         lambda: cline.set(key, b"seen"),
@@ -393,7 +394,7 @@ def test_a_fake_result_published_on_the_channel_is_ignored(
     # Given a task the client waits on, slow enough for a forger to answer first
     handle = client.submit("grok", "echo", value="the real one", delay_s=1.5)
     # When a role's credential publishes a fake, unsigned FAILURE for it on the result channel it may use
-    cline = broker.connect(acl.connection_url(stack_settings, "cline"))
+    cline = broker.connect(redis_urls.connection_url(stack_settings, "cline"))
     fake = {"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["forged"]}, "task_id": handle.id}
     for _ in range(3):
         cline.publish(c.result_key("cline", handle.id), json.dumps(fake))
@@ -482,7 +483,7 @@ def test_garbage_in_a_queue_is_refused_at_the_door_and_disturbs_nothing(
     time.sleep(0.5)
     before = refused_count(conn, "cline", "malformed")
     # When cline's own credential pushes every kind of malformed item into its queue
-    cline = broker.connect(acl.connection_url(stack_settings, "cline"))
+    cline = broker.connect(redis_urls.connection_url(stack_settings, "cline"))
     for raw in GARBAGE.values():
         cline.lpush("cline", raw)
     cline.close()

@@ -16,20 +16,14 @@ from nacl.signing import SigningKey
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected, RefusedError, ResultSignatureError, UsageError
-from xnai_tasks.security import signing
-from xnai_tasks.security.keys import Keyring, Signer, authorize, init_keys, load_signer, revoke, rotate
-from xnai_tasks.security.signing import (
-    COVERED_HEADERS,
-    MAX_SKEW_S,
-    REASONS,
-    SIG_HEADER,
-    Reason,
-    nonce_ttl_s,
-    sign_message,
-    sign_result,
-    verify_message,
-    verify_result,
-)
+from xnai_tasks.security import message_signature
+from xnai_tasks.security.key_admin import authorize, init_keys, revoke, rotate
+from xnai_tasks.security.key_pair import Signer
+from xnai_tasks.security.keyring import Keyring, load_signer
+from xnai_tasks.security.message_signature import COVERED_HEADERS, nonce_ttl_s, sign_message, verify_message
+from xnai_tasks.security.refusal import REASONS, Reason
+from xnai_tasks.security.result_signature import sign_result, verify_result
+from xnai_tasks.security.signature import MAX_SKEW_S, SIG_HEADER
 
 T0 = 1_700_000_000.0
 MAX_AGE = 3600.0
@@ -99,7 +93,7 @@ def _verify(
     queue: Any = "cline",
     role: str = "cline",
     now: float = T0 + 1,
-) -> signing.Verified:
+) -> message_signature.Verified:
     return verify_message(ring, headers=headers, body=body, queue=queue, now=now, max_age_s=MAX_AGE, role=role)
 
 

@@ -13,16 +13,13 @@ from hypothesis import strategies as st
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
-from xnai_tasks.security.keys import Keyring, Signer, init_keys, load_signer, rotate
-from xnai_tasks.security.signing import (
-    COVERED_HEADERS,
-    REASONS,
-    SIG_FIELDS,
-    SIG_HEADER,
-    canonical_json,
-    sign_message,
-    verify_message,
-)
+from xnai_tasks.security.canonical import canonical_json
+from xnai_tasks.security.key_admin import init_keys, rotate
+from xnai_tasks.security.key_pair import Signer
+from xnai_tasks.security.keyring import Keyring, load_signer
+from xnai_tasks.security.message_signature import COVERED_HEADERS, SIG_FIELDS, sign_message, verify_message
+from xnai_tasks.security.refusal import REASONS
+from xnai_tasks.security.signature import SIG_HEADER
 
 T0 = 1_700_000_000.0
 MAX_AGE = 3600.0

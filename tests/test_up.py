@@ -103,7 +103,7 @@ def test_children_do_not_outlive_a_killed_up(home: Path) -> None:
 def test_up_restarts_a_worker_that_dies_and_keeps_the_rest_running(home: Path) -> None:
     # Given `xnai up` running a curation worker
     from xnai_tasks.core.celery_app import create_app
-    from xnai_tasks.ops.supervisor import workers_online
+    from xnai_tasks.core.nodes import workers_online
 
     settings = Settings(home=home, flower_port=free_port(), model_mode="lazy")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}

@@ -26,8 +26,8 @@ from xnai_tasks.core import constants as c
 from xnai_tasks.errors import TaskFailedError
 from xnai_tasks.observability.status import collect_status, format_status
 from xnai_tasks.ops.supervisor import Stack
-from xnai_tasks.security import acl
-from xnai_tasks.security.keys import load_signer
+from xnai_tasks.security import acl, redis_urls
+from xnai_tasks.security.keyring import load_signer
 from xnai_tasks.settings import Settings
 
 from support import publish_raw, short_home
@@ -52,7 +52,7 @@ def private_settings() -> Settings:
 
 @pytest.fixture(scope="module")
 def admin(private_stack: Stack, private_settings: Settings) -> Iterator[redis.Redis]:
-    conn = broker.connect(acl.connection_url(private_settings, acl.ADMIN))
+    conn = broker.connect(redis_urls.connection_url(private_settings, acl.ADMIN))
     yield conn
     conn.close()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xnai_tasks import models as m
+from xnai_tasks.models import inference as m
 from xnai_tasks.worker import startup as runtime
 from xnai_tasks.worker.arguments import optional_text, require_count, require_text
 from xnai_tasks.worker.code import extract_code, validate_code

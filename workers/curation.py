@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from xnai_tasks import models as m
 from xnai_tasks.errors import UsageError
+from xnai_tasks.models import inference as m
 from xnai_tasks.worker import startup as runtime
 from xnai_tasks.worker.arguments import require_count, require_text, require_texts
 from xnai_tasks.worker.memory_bank import MemoryBank

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from xnai_tasks import models as m
 from xnai_tasks.errors import ModelError, RefusedError, UsageError
+from xnai_tasks.models import inference as m
 from xnai_tasks.worker import startup as runtime
 from xnai_tasks.worker.arguments import optional_text, require_count, require_text
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task

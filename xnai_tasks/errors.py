@@ -72,7 +72,7 @@ class TransientError(XnaiError):
 
 
 class MessageRejected(RefusedError):
-    """A task message failed verification; ``reason`` is one of ``signing.REASONS`` (a counter name)."""
+    """A task message failed verification; ``reason`` is a ``security.refusal.Reason`` value (a counter name)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(reason, detail)

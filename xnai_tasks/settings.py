@@ -1,7 +1,9 @@
 """Typed settings, read from the environment once, at start, and validated.
 
-Nothing reads the environment at import time: call :meth:`Settings.from_env` where a process starts
-(the CLI, a worker, ``Client.from_env``). A bad value raises :class:`SettingsError` naming the variable.
+Nothing reads the environment at import time. A process reads it once, on first use, through
+:func:`process_settings` (the CLI, a worker and its Celery app, the gate, the logs all share that one
+object); ``Client.from_env`` and tests build their own with :meth:`Settings.from_env`. A bad value raises
+:class:`SettingsError` naming the variable.
 """
 
 from __future__ import annotations
@@ -58,14 +60,14 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_MAX_DELIVERIES", "3", "times a message whose worker process died running it is delivered at most"),
     Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
     Variable("XNAI_REDIS_MAXMEMORY_MB", "(plan)", "the embedded Redis' memory cap, MiB (plan: 5% of RAM, 256-2048)"),
-    Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.probe_runner", "module the LLM probe runs (for diagnostics)"),
+    Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.models.probe_runner", "module the LLM probe runs (for diagnostics)"),
 )
 
 #: XNAI_LLM_SAFE's values.
 LLM_SAFE_MODES = ("auto", "on", "off")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything configurable, validated. Build with :meth:`from_env` or directly in tests."""
 
@@ -90,7 +92,7 @@ class Settings:
     max_deliveries: int = 3
     #: Extra modules of ``ROLE.*`` tasks every app built on these settings imports.
     task_modules: tuple[str, ...] = ()
-    llm_probe_runner: str = "xnai_tasks.probe_runner"
+    llm_probe_runner: str = "xnai_tasks.models.probe_runner"
     redis_maxmemory_mb: int | None = None
 
     @classmethod
@@ -118,7 +120,7 @@ class Settings:
             llm_probe_timeout=_int(env, "XNAI_LLM_PROBE_TIMEOUT", 120, 5, 3600),
             max_deliveries=_int(env, "XNAI_MAX_DELIVERIES", 3, 1, 100),
             task_modules=_modules(env, "XNAI_TASK_MODULES"),
-            llm_probe_runner=(_modules(env, "XNAI_LLM_PROBE_RUNNER") or ("xnai_tasks.probe_runner",))[0],
+            llm_probe_runner=(_modules(env, "XNAI_LLM_PROBE_RUNNER") or ("xnai_tasks.models.probe_runner",))[0],
             redis_maxmemory_mb=_optional(
                 env, "XNAI_REDIS_MAXMEMORY_MB", _bounded("XNAI_REDIS_MAXMEMORY_MB", 32, 1 << 20)
             ),
@@ -203,6 +205,27 @@ class Settings:
 
         data: dict[str, dict[str, Any]] = json.loads(self.plan_overrides)
         return data
+
+
+class _ProcessSettings:
+    """The settings of this process: read from the environment once, on first use, then shared."""
+
+    def __init__(self) -> None:
+        self.value: Settings | None = None
+
+    def get(self) -> Settings:
+        # A forked child inherits them with the parent's environment; a fresh interpreter reads its own.
+        if self.value is None:
+            self.value = Settings.from_env()
+        return self.value
+
+
+_process = _ProcessSettings()
+
+
+def process_settings() -> Settings:
+    """This process's settings, read from the environment the first time they are asked for."""
+    return _process.get()
 
 
 def _optional(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T | None:

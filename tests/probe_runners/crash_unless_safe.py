@@ -5,7 +5,7 @@ import signal
 import sys
 
 from probe_runners import record, safe
-from xnai_tasks.probe_runner import main
+from xnai_tasks.models.probe_runner import main
 
 if not safe(record()):
     os.kill(os.getpid(), signal.SIGILL)

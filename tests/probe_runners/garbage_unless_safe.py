@@ -4,7 +4,7 @@ import json
 import sys
 
 from probe_runners import record, safe
-from xnai_tasks.probe_runner import main
+from xnai_tasks.models.probe_runner import main
 
 if not safe(record()):
     print(json.dumps({"text": "\ufffd\ufffd\ufffd", "completion_tokens": 8}))

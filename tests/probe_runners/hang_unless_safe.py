@@ -4,7 +4,7 @@ import sys
 import time
 
 from probe_runners import record, safe
-from xnai_tasks.probe_runner import main
+from xnai_tasks.models.probe_runner import main
 
 if not safe(record()):
     time.sleep(3600)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
 from xnai_tasks.bench import model_benches
+from xnai_tasks.bench.options import BenchOptions
 from xnai_tasks.bench.roundtrip import run_roundtrip
 from xnai_tasks.settings import Settings
 
-Benchmark = Callable[[Settings, argparse.Namespace], dict[str, Any]]
+Benchmark = Callable[[Settings, BenchOptions], dict[str, Any]]
 
 BENCHMARKS: dict[str, Benchmark] = {
     "roundtrip": run_roundtrip,

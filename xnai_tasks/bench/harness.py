@@ -20,10 +20,11 @@ from typing import Any
 import psutil
 from celery import Celery
 
+from xnai_tasks.core.nodes import nodes_online
 from xnai_tasks.errors import ProcessError
 from xnai_tasks.ops.proc import die_with_parent
 from xnai_tasks.ops.redis_server import EmbeddedRedis
-from xnai_tasks.security.keys import init_keys
+from xnai_tasks.security.key_admin import init_keys
 from xnai_tasks.settings import Settings
 
 
@@ -84,7 +85,7 @@ def model_stack_home(settings: Settings) -> Iterator[Settings]:
     No worker is started: benchmarks start their own with :func:`role_worker`. The default models are
     assembled and checksummed here, so no measurement pays for that.
     """
-    from xnai_tasks.models import resolve_model
+    from xnai_tasks.models.model_file import resolve_model
     from xnai_tasks.ops.supervisor import Stack
 
     home = Path(tempfile.mkdtemp(prefix="xnai-bench-", dir="/tmp"))
@@ -126,7 +127,7 @@ def start_worker(
 def wait_online(proc: subprocess.Popen[bytes], app: Celery, role: str, timeout: float = 180.0) -> None:
     """Wait until the worker ``proc`` answers ``ping`` as ``ROLE@...``."""
     deadline = time.monotonic() + timeout
-    while not any(node.startswith(f"{role}@") for reply in app.control.ping(timeout=0.5) or [] for node in reply):
+    while role not in nodes_online(app, timeout=0.5):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise ProcessError(f"benchmark worker {role} did not come up (exit code {proc.poll()})")
 

@@ -14,7 +14,6 @@ temperature 0 and a fixed seed, so both sides of a comparison generate the same 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -35,6 +34,7 @@ from xnai_tasks.bench.harness import (
     stop_worker,
     wait_online,
 )
+from xnai_tasks.bench.options import BenchOptions, or_default
 from xnai_tasks.client.sync import Client
 from xnai_tasks.settings import Settings
 
@@ -75,11 +75,6 @@ def _session(settings: Settings) -> Iterator[tuple[Settings, Celery, Client]]:
             control.close()
 
 
-def _arg(args: argparse.Namespace, name: str, default: int) -> int:
-    value = getattr(args, name, None)
-    return default if value is None else int(value)
-
-
 def _synthesize(client: Client, tokens: int, count: int = 1) -> tuple[list[dict[str, Any]], float]:
     """``count`` synthesize tasks at once; their results and the wall time until the last one."""
     start = time.perf_counter()
@@ -94,14 +89,16 @@ def _synthesize(client: Client, tokens: int, count: int = 1) -> tuple[list[dict[
 # ---------------------------------------------------------------- llm
 
 
-def run_llm(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run_llm(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     """Tokens/s through the queue (submit to result) vs a direct llama-cpp-python call, same threads."""
     from xnai_tasks.errors import ModelError
-    from xnai_tasks.llm_probe import llama_build, probe_llm
-    from xnai_tasks.models import generate, load_llm, resolve_model
+    from xnai_tasks.models.inference import generate
+    from xnai_tasks.models.loading import load_llm
+    from xnai_tasks.models.model_file import resolve_model
+    from xnai_tasks.models.probe import llama_build, probe_llm
     from xnai_tasks.plan.host import plan_for
 
-    tokens, threads, rounds = _arg(args, "tokens", 128), _arg(args, "threads", 2), _arg(args, "rounds", 3)
+    tokens, threads, rounds = or_default(args.tokens, 128), or_default(args.threads, 2), or_default(args.rounds, 3)
     runs: dict[str, list[float]] = {"queue": [], "direct": []}
     counts: dict[str, int] = {}
     options: dict[str, Any] | None = None
@@ -194,9 +191,9 @@ def _measure_pss(pid: int) -> dict[str, Any]:
     }
 
 
-def run_memory(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run_memory(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     """Total PSS: preloaded pool of 3 vs 3 children loading on their own vs one process."""
-    tokens, children = _arg(args, "tokens", 16), 3
+    tokens, children = or_default(args.tokens, 16), 3
     configs: dict[str, dict[str, Any]] = {}
     with _session(settings) as (bench, control, client):
         env = {"XNAI_THREADS": "1"}
@@ -227,9 +224,9 @@ def run_memory(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- embed
 
 
-def run_embed(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run_embed(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     """``embed`` of N texts in one task vs N one-text tasks, rounds alternating; texts/s of each."""
-    n, rounds = _arg(args, "texts", 256), _arg(args, "rounds", 3)
+    n, rounds = or_default(args.texts, 256), or_default(args.rounds, 3)
     texts = sample_texts(n)
     runs: dict[str, list[float]] = {"batched": [], "single_task": []}
     with _session(settings) as (bench, control, client), role_worker(bench, control, "curation"):
@@ -277,9 +274,9 @@ def _worker_cpus(settings: Settings) -> list[int]:
     return sorted(set(plan.host.logical_cpus) - (set() if plan.shares_reserved else set(plan.reserved_cpus)))
 
 
-def run_threads(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run_threads(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     """LLM tokens/s and embeddings/s of each split of the worker CPUs into processes x threads."""
-    tokens, n_texts = _arg(args, "tokens", 64), _arg(args, "texts", 128)
+    tokens, n_texts = or_default(args.tokens, 64), or_default(args.texts, 128)
     texts = sample_texts(n_texts)
     rows: list[dict[str, Any]] = []
     with _session(settings) as (bench, control, client):
@@ -341,9 +338,9 @@ def run_threads(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- coldstart
 
 
-def run_coldstart(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run_coldstart(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     """Seconds from starting ``xnai worker grok`` to its first generated token, preload vs lazy."""
-    rounds = _arg(args, "rounds", 3)
+    rounds = or_default(args.rounds, 3)
     runs: dict[str, list[float]] = {"preload": [], "lazy": []}
     with _session(settings) as (bench, _control, client):
         for _ in range(rounds):

@@ -8,16 +8,16 @@ from celery import Celery
 from kombu import Queue
 
 import celeryconfig
-from xnai_tasks.security import acl
-from xnai_tasks.settings import Settings
+from xnai_tasks.security import acl, redis_urls
+from xnai_tasks.settings import process_settings
 
 QUEUE = "bench_plain"
 
 
 def baseline_config(queue: str) -> dict[str, Any]:
     """What every baseline app shares with ours: Redis, reliability settings, one queue; JSON."""
-    settings = Settings.from_env()
-    url = acl.connection_url(settings, acl.ADMIN)
+    settings = process_settings()
+    url = redis_urls.connection_url(settings, acl.ADMIN)
     return {
         **celeryconfig.SERIALIZATION,
         **celeryconfig.RELIABILITY,

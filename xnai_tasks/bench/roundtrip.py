@@ -8,7 +8,6 @@ the median of each is reported.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import time
@@ -18,6 +17,7 @@ from typing import Any
 from celery.result import AsyncResult
 
 from xnai_tasks.bench.harness import host_facts, median, private_stack_home, worker_process
+from xnai_tasks.bench.options import BenchOptions
 from xnai_tasks.settings import Settings
 
 Submit = Callable[[int], AsyncResult]
@@ -37,9 +37,9 @@ def measure(submit: Submit, tasks: int) -> tuple[float, float]:
     return tasks / (enqueued - start), tasks / (done - start)
 
 
-def run_roundtrip(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+def run_roundtrip(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     """Run the benchmark and return its report."""
-    tasks, rounds, concurrency = int(args.tasks), int(args.rounds), int(args.concurrency)
+    tasks, rounds, concurrency = args.tasks, args.rounds, args.concurrency
     with private_stack_home(settings) as bench:
         runs = _measure_apps(bench, tasks, rounds, concurrency)
     summary: dict[str, dict[str, Any]] = {
@@ -75,7 +75,7 @@ def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) ->
     from xnai_tasks.bench import auth_app, plain_app
     from xnai_tasks.client.sync import Client
     from xnai_tasks.core.celery_app import create_app
-    from xnai_tasks.security import acl
+    from xnai_tasks.security import acl, redis_urls
 
     auth_dir = bench.home / "auth"
     auth_app.make_certificate(auth_dir)
@@ -83,7 +83,7 @@ def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) ->
     os.environ.update(auth_env)  # the auth app reads its certificate folder when first configured
     ours = Client(bench)
     plain, auth = plain_app.app, auth_app.app
-    admin = acl.connection_url(bench, acl.ADMIN)
+    admin = redis_urls.connection_url(bench, acl.ADMIN)
     for baseline in (plain, auth):
         baseline.conf.update(broker_url=admin, result_backend=admin)
     common = [

@@ -27,11 +27,12 @@ from xnai_tasks.errors import (
     UnknownRoleError,
     UnknownTaskError,
 )
-from xnai_tasks.security.keys import Keyring, SignerSource
+from xnai_tasks.security.keyring import Keyring, SignerSource
 from xnai_tasks.security.limits import check_arguments
 from xnai_tasks.security.publish import load_agent, signing_as, use_agent
+from xnai_tasks.security.result_signature import verify_result
 from xnai_tasks.security.results import VERIFIED, VerifiedBy
-from xnai_tasks.security.signing import SIG_HEADER, verify_result
+from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.settings import Settings
 
 #: Errors a task raises to refuse work (the model cannot run here, over the RAM budget): the caller is refused

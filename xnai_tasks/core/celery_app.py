@@ -12,10 +12,18 @@ from celery import Celery
 
 import celeryconfig
 from xnai_tasks.core.signal_handlers import install_signals
-from xnai_tasks.settings import Settings
+from xnai_tasks.security.control import SignedControl
+from xnai_tasks.security.results import SignedRedisBackend
+from xnai_tasks.settings import Settings, process_settings
 
 #: Modules that define each role's tasks (DESIGN.md 3: one module per role).
 ROLE_MODULES = ("workers.copilot", "workers.cline", "workers.grok", "workers.curation")
+
+
+class XnaiCelery(Celery):  # type: ignore[misc]
+    """Celery whose results are stored signed, in per-role namespaces (:class:`SignedRedisBackend`)."""
+
+    backend_cls = SignedRedisBackend
 
 
 def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", current: bool = False) -> Celery:
@@ -24,26 +32,21 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", cu
     Only the package's own ``app`` is Celery's current app (Flower builds its results on the current app).
     """
     install_signals()
-    application = Celery(
-        main, include=list(ROLE_MODULES), set_as_current=current, control="xnai_tasks.security.control:SignedControl"
-    )
+    application = XnaiCelery(main, include=list(ROLE_MODULES), set_as_current=current, control=SignedControl)
     if settings is not None:
         application.conf.update(_config(settings))
     else:
 
         def from_env() -> dict[str, Any]:
-            return _config(Settings.from_env())
+            return _config(process_settings())
 
         application.add_defaults(from_env)
     return application
 
 
 def _config(settings: Settings) -> dict[str, Any]:
-    """celeryconfig's settings, with results stored through the signing backend."""
-    from xnai_tasks.security.results import result_backend_url
-
+    """celeryconfig's settings, and where this process's keys are for signed remote control."""
     config = celeryconfig.build(settings)
-    config["result_backend"] = result_backend_url(config["result_backend"])
     # Remote control is signed (xnai_tasks.security.control): where this process's keys are, and which agent it
     # signs commands as when it has no agent of its own (Flower: inspect only; anything else: the copilot).
     config["xnai_home"] = str(settings.home)

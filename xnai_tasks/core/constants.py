@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from kombu.transport.redis import Channel as KombuRedisChannel
+
 #: The agents. Each role has one queue of the same name and one worker module in ``workers/``.
 ROLES: Final = ("copilot", "cline", "grok", "curation")
 
@@ -28,12 +30,17 @@ def task_name(role: str, task: str) -> str:
 BUILTIN_TASK_ROLES: Final = {"celery.chord_unlock": "copilot"}
 
 
+def split_task_name(name: str) -> tuple[str, str]:
+    """``ROLE.TASK`` as ``(ROLE, TASK)``; ``("", "")`` when the name has no dot."""
+    prefix, dot, short = name.partition(".")
+    return (prefix, short) if dot else ("", "")
+
+
 def role_of_task(name: str) -> str:
     """The role a task name belongs to: the prefix of ``ROLE.TASK`` (``""`` when it names none)."""
     if name in BUILTIN_TASK_ROLES:
         return BUILTIN_TASK_ROLES[name]
-    prefix, dot, _ = name.partition(".")
-    return prefix if dot else ""
+    return split_task_name(name)[0]
 
 
 def worker_hostname(role: str) -> str:
@@ -43,11 +50,11 @@ def worker_hostname(role: str) -> str:
 
 # ---- Redis keys (kombu's transport keys are listed too, because the ACLs must name them) ----
 
-#: kombu's Redis transport: separator and priority steps used to name a queue's priority lists.
-KOMBU_PRIORITY_SEP: Final = "\x06\x16"
-KOMBU_PRIORITY_STEPS: Final = (0, 3, 6, 9)
-#: kombu's exchange binding sets.
-KOMBU_BINDING_PREFIX: Final = "_kombu.binding."
+#: kombu's Redis transport, as its channel names them: the separator and priority steps of a queue's lists
+#: (``queue``, ``queue\x06\x163`` ...) and the prefix of an exchange's binding set.
+KOMBU_PRIORITY_SEP: Final[str] = KombuRedisChannel.sep
+KOMBU_PRIORITY_STEPS: Final[tuple[int, ...]] = tuple(KombuRedisChannel.priority_steps)
+KOMBU_BINDING_PREFIX: Final[str] = KombuRedisChannel.keyprefix_queue.removesuffix("%s")
 #: Celery result keys.
 RESULT_KEY_PREFIX: Final = "celery-task-meta-"
 #: Celery group results and chord counters (written by the copilot only).
@@ -57,7 +64,7 @@ XNAI_KEY_PREFIX: Final = "xnai:"
 
 
 def queue_keys(queue: str) -> list[str]:
-    """The Redis lists kombu uses for one queue, one per priority step."""
+    """The Redis lists kombu uses for one queue, one per priority step (named as its channel's ``_q_for_pri``)."""
     return [queue if p == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS]
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.settings import Settings
+from xnai_tasks.settings import Settings, process_settings
 
 #: LogRecord attributes that are not "extra" fields.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -57,4 +57,4 @@ def setup_logging(settings: Settings, level: str | None = None, *, stderr: bool 
 
 def on_setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     """Celery's ``setup_logging`` signal: worker, beat and Flower log JSON lines under XNAI_HOME."""
-    setup_logging(Settings.from_env(), loglevel if isinstance(loglevel, str) else None)
+    setup_logging(process_settings(), loglevel if isinstance(loglevel, str) else None)

@@ -11,17 +11,17 @@ import redis
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.ops.memory_guard import current_locks
-from xnai_tasks.security import acl
+from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.settings import Settings
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
     """Status as a JSON-ready dict; raises BrokerUnreachableError when Redis does not answer."""
     from xnai_tasks.core.celery_app import create_app
-    from xnai_tasks.ops.supervisor import workers_online
+    from xnai_tasks.core.nodes import workers_online
 
     broker.require_reachable(settings)
-    conn = broker.connect(acl.connection_url(settings, acl.ADMIN))
+    conn = broker.connect(redis_urls.connection_url(settings, acl.ADMIN))
     app = create_app(settings, main="xnai_status")
     try:
         online = workers_online(app, timeout=1.0)
@@ -137,7 +137,7 @@ def refusal_counts(conn: redis.Redis, role: str) -> dict[str, int]:
 def dead_letters(settings: Settings, role: str, limit: int = 20) -> list[dict[str, Any]]:
     """The newest refused raw messages of a role, as kept by the gate."""
     broker.require_reachable(settings)
-    conn = broker.connect(acl.connection_url(settings, acl.ADMIN))
+    conn = broker.connect(redis_urls.connection_url(settings, acl.ADMIN))
     try:
         return [json.loads(raw) for raw in conn.lrange(c.dead_letter_key(role), 0, limit - 1)]
     finally:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
-from xnai_tasks.security import acl
+from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.settings import Settings
 
 FLOWER_USER = "xnai"
@@ -65,5 +65,5 @@ def flower_env(settings: Settings, creds: FlowerCredentials) -> dict[str, str]:
     """Environment for the Flower process."""
     env = {**os.environ, **settings.to_env(), "FLOWER_BASIC_AUTH": creds.basic_auth}
     if settings.embedded:  # Flower connects as its own ACL user: watch, inspect, never consume
-        env["XNAI_REDIS_URL"] = acl.connection_url(settings, acl.FLOWER)
+        env["XNAI_REDIS_URL"] = redis_urls.connection_url(settings, acl.FLOWER)
     return env

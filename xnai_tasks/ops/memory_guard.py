@@ -30,9 +30,9 @@ from kombu.utils.encoding import bytes_to_str
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
-from xnai_tasks.security import acl
-from xnai_tasks.security.keys import Keyring
-from xnai_tasks.security.signing import verify_message
+from xnai_tasks.security import acl, redis_urls
+from xnai_tasks.security.keyring import Keyring
+from xnai_tasks.security.message_signature import verify_message
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Holdings:
         return owner, self.bytes_by_owner[owner]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Lock:
     """A role the guard locked out, and why (kept in :func:`xnai_tasks.core.constants.guard_locks_key`)."""
 
@@ -311,7 +311,8 @@ def current_locks(conn: redis.Redis) -> dict[str, str]:
 
 def unlock(settings: Settings, role: str) -> str | None:
     """Let ``role`` connect again (``xnai acl unlock ROLE``); returns why it was locked, if it was."""
-    conn = broker.connect(acl.connection_url(settings, acl.ADMIN))
+    broker.require_reachable(settings)
+    conn = broker.connect(redis_urls.connection_url(settings, acl.ADMIN))
     try:
         reason = current_locks(conn).get(role)
         conn.execute_command("ACL", "SETUSER", role, "on")

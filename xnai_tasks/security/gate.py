@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from celery.worker.consumer import Consumer
@@ -20,33 +19,29 @@ from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
 from xnai_tasks.security import limits
-from xnai_tasks.security.keys import Keyring, shared_keyring
+from xnai_tasks.security.keyring import Keyring, shared_keyring
 from xnai_tasks.security.ledger import claim_nonce
-from xnai_tasks.security.signing import nonce_ttl_s, verify_message
-from xnai_tasks.settings import Settings
+from xnai_tasks.security.message_signature import Verified, nonce_ttl_s, verify_message
+from xnai_tasks.security.refusal import Reason
+from xnai_tasks.settings import Settings, process_settings
 from xnai_tasks.worker.dead_letters import dead_letter
-from xnai_tasks.worker.deliveries import WORKER_LOST, DeliveryLedger
+from xnai_tasks.worker.deliveries import DeliveryLedger
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Refusal:
-    """Why a message was refused: a reason code (the counter's name) and one line of detail."""
-
-    reason: str
-    detail: str
-
-
-def check_role(headers: dict[str, Any], queues: frozenset[str]) -> Refusal | None:
-    """The task must belong to a role whose queue this worker consumes (``cline.*`` only from ``cline``)."""
+def check_role(headers: dict[str, Any], queues: frozenset[str]) -> str:
+    """The role of the message's task, which must be one whose queue this worker consumes (``cline.*`` only
+    from ``cline``); :class:`MessageRejected` otherwise."""
     task = headers.get("task")
     if not isinstance(task, str) or "." not in task:
-        return Refusal("malformed", "no task name in the headers")
+        raise MessageRejected(Reason.MALFORMED, "no task name in the headers")
     role = c.role_of_task(task)
     if role not in queues:
-        return Refusal("wrong_queue", f"task {task} does not belong to the queue(s) {', '.join(sorted(queues))}")
-    return None
+        raise MessageRejected(
+            Reason.WRONG_QUEUE, f"task {task} does not belong to the queue(s) {', '.join(sorted(queues))}"
+        )
+    return role
 
 
 class MessageGate:
@@ -71,61 +66,47 @@ class MessageGate:
 
     def admit(self, message: Message) -> bool:
         """True when the message may run; otherwise it has been refused and rejected."""
-        refusal = self.check(message)
-        if refusal is None:
-            return True
-        self.refuse(message, refusal)
-        return False
+        try:
+            self.check(message)
+        except MessageRejected as refusal:
+            self.refuse(message, refusal)
+            return False
+        return True
 
-    def check(self, message: Message) -> Refusal | None:
-        """Why the message must not run, or None."""
+    def check(self, message: Message) -> Verified:
+        """What the message proved, when it may run; :class:`MessageRejected` saying why not otherwise."""
         headers = message.headers
         if not isinstance(headers, dict):
-            return Refusal("malformed", "headers are not a mapping")
-        refusal = check_role(headers, self.queues)
-        if refusal is not None:
-            return refusal
-        role = c.role_of_task(str(headers["task"]))
-        raw = message.body
-        if isinstance(raw, bytes | bytearray | str) and len(raw) > limits.MAX_BODY_BYTES:
-            return Refusal("malformed", f"body is {len(raw)} bytes, more than {limits.MAX_BODY_BYTES}")
-        try:
-            body = message.decode()
-        except Exception as exc:  # any undecodable body is a refusal, never a crash of the consumer
-            return Refusal("malformed", f"body does not decode: {type(exc).__name__}")
-        wrapped = limits.MAX_DEPTH + 1  # protocol 2 wraps the arguments in [args, kwargs, embed]
-        if limits.depth(body, wrapped) > wrapped:
-            return Refusal("malformed", f"arguments nest more than {limits.MAX_DEPTH} levels deep")
-        try:
-            verified = verify_message(
-                self.keyring,
-                headers=headers,
-                body=body,
-                queue=role,
-                now=time.time(),
-                max_age_s=self.settings.max_message_age,
-                role=role,
-            )
-        except MessageRejected as rejected:
-            return Refusal(rejected.reason, rejected.detail)
+            raise MessageRejected(Reason.MALFORMED, "headers are not a mapping")
+        role = check_role(headers, self.queues)
+        verified = verify_message(
+            self.keyring,
+            headers=headers,
+            body=_decoded_body(message),
+            queue=role,
+            now=time.time(),
+            max_age_s=self.settings.max_message_age,
+            role=role,
+        )
         redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
-        replay = claim_nonce(self._redis, role, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
-        if replay is not None:  # checked first: a copy of a finished message never touches its result
-            return Refusal("replay", replay)
-        return self._over_delivered(role, headers) if redelivered else None
+        # checked first: a copy of a finished message never touches its result
+        claim_nonce(self._redis, role, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
+        if redelivered:
+            self._check_deliveries(role, headers)
+        return verified
 
-    def _over_delivered(self, role: str, headers: dict[str, Any]) -> Refusal | None:
+    def _check_deliveries(self, role: str, headers: dict[str, Any]) -> None:
         """A redelivered message past ``XNAI_MAX_DELIVERIES`` (its workers kept dying): refuse it as worker_lost."""
         ledger = self._ledger(role)
         task_id = str(headers.get("id"))
         retries = headers.get("retries")
         counted = ledger.count_redelivery(task_id, retries if isinstance(retries, int) else 0)
         if counted.deliveries <= ledger.max_deliveries:
-            return None
+            return
         line = ledger.exhausted_line(
             str(headers["task"]), task_id, counted.deliveries - 1, counted.deaths, counted.cause
         )
-        return Refusal(WORKER_LOST, line)
+        raise MessageRejected(Reason.WORKER_LOST, line)
 
     def _ledger(self, role: str) -> DeliveryLedger:
         if role not in self._ledgers:
@@ -134,7 +115,7 @@ class MessageGate:
             )
         return self._ledgers[role]
 
-    def refuse(self, message: Message, refusal: Refusal) -> None:
+    def refuse(self, message: Message, refusal: MessageRejected) -> None:
         """Reject without requeue, log one WARNING line, count it, keep the raw message."""
         headers = message.headers if isinstance(message.headers, dict) else {}
         task_id = str(headers.get("id", "?"))[:64]
@@ -146,7 +127,7 @@ class MessageGate:
             refusal.detail,
             extra={"event": "message_refused", "reason": refusal.reason, "task_id": task_id, "role": role},
         )
-        if refusal.reason == WORKER_LOST and self.backend is not None:
+        if refusal.reason == Reason.WORKER_LOST and self.backend is not None:
             self._ledger(role).finalize(
                 self.backend,
                 line=refusal.detail,
@@ -183,7 +164,7 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         handle = super().create_task_handler(*args, **kwargs)
-        settings = Settings.from_env()
+        settings = process_settings()
         gate = MessageGate(
             settings,
             consumed_queues(self.app),
@@ -198,6 +179,21 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
             return None
 
         return on_task_received
+
+
+def _decoded_body(message: Message) -> Any:
+    """The message's decoded body, if it is small enough, decodes, and nests no deeper than allowed."""
+    raw = message.body
+    if isinstance(raw, bytes | bytearray | str) and len(raw) > limits.MAX_BODY_BYTES:
+        raise MessageRejected(Reason.MALFORMED, f"body is {len(raw)} bytes, more than {limits.MAX_BODY_BYTES}")
+    try:
+        body = message.decode()
+    except Exception as exc:  # any undecodable body is a refusal, never a crash of the consumer
+        raise MessageRejected(Reason.MALFORMED, f"body does not decode: {type(exc).__name__}") from None
+    wrapped = limits.MAX_DEPTH + 1  # protocol 2 wraps the arguments in [args, kwargs, embed]
+    if limits.depth(body, wrapped) > wrapped:
+        raise MessageRejected(Reason.MALFORMED, f"arguments nest more than {limits.MAX_DEPTH} levels deep")
+    return body
 
 
 def consumed_queues(app: Any) -> frozenset[str]:

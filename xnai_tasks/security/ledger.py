@@ -2,35 +2,31 @@
 
 Keys are per role (``xnai:nonce:ROLE:NONCE``, :func:`xnai_tasks.core.constants.nonce_key`), so only the role
 that consumed a message (its ACL user) can touch its nonce. The gate claims (:func:`claim_nonce`); the
-result backend marks a task's nonce done in the pipeline that stores its final result
-(:data:`finishing`); ``task_postrun`` marks it otherwise (:func:`finish_task`).
+result backend marks a task's nonce done in the pipeline that stores its final result (through this
+process's :class:`NonceFinisher`); ``task_postrun`` marks it otherwise (:func:`finish_task`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 from celery import current_task
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.security.signing import SIG_HEADER
+from xnai_tasks.errors import MessageRejected
+from xnai_tasks.security.refusal import Reason
+from xnai_tasks.security.signature import SIG_HEADER
 
 log = logging.getLogger(__name__)
 
 #: Values of a nonce's ledger entry: admitted and not finished, or finished.
 NONCE_SEEN = b"seen"
 NONCE_DONE = b"done"
-
-#: The nonce whose task's final result is being stored by this thread, if any.
-finishing = threading.local()
-finishing.nonce = None
-#: Nonces already marked done together with their result (so task_postrun need not do it again).
-finished_nonces: set[str] = set()
-#: This pool process's connection for marking nonces done (made on first use).
-_connection: dict[str, redis.Redis | None] = {"ledger": None}
 
 
 def running_nonce_key(task_id: str) -> str | None:
@@ -52,8 +48,8 @@ def _nonce_key_of(task: Any) -> str | None:
     return c.nonce_key(c.role_of_task(name), nonce)
 
 
-def claim_nonce(conn: redis.Redis, role: str, nonce: str, ttl_s: int, *, redelivered: bool) -> str | None:
-    """Record a nonce as admitted. Returns None when the message may run, else why it is a replay.
+def claim_nonce(conn: redis.Redis, role: str, nonce: str, ttl_s: int, *, redelivered: bool) -> None:
+    """Record a nonce as admitted, so the message may run; :class:`MessageRejected` (``replay``) if it is a replay.
 
     A nonce is ``seen`` from admission until its task finishes, then ``done``, for the maximum message
     age. A copy of a finished message is a replay; so is a second copy of one still in flight, unless the
@@ -61,11 +57,12 @@ def claim_nonce(conn: redis.Redis, role: str, nonce: str, ttl_s: int, *, redeliv
     """
     key = c.nonce_key(role, nonce)
     if conn.set(key, NONCE_SEEN, nx=True, ex=ttl_s):
-        return None
+        return
     state = conn.get(key)
     if state == NONCE_SEEN and redelivered:
-        return None
-    return "nonce already used by a finished task" if state == NONCE_DONE else "nonce already in flight"
+        return
+    detail = "nonce already used by a finished task" if state == NONCE_DONE else "nonce already in flight"
+    raise MessageRejected(Reason.REPLAY, detail)
 
 
 def finish_nonce(conn: redis.Redis, nonce_key: str) -> None:
@@ -73,20 +70,60 @@ def finish_nonce(conn: redis.Redis, nonce_key: str) -> None:
     conn.set(nonce_key, NONCE_DONE, xx=True, keepttl=True)
 
 
-def finish_task(sender: Any = None, **_: Any) -> None:
-    """After a task ran (in the pool child), its nonce becomes ``done``: any later copy is a replay."""
-    nonce_key = _nonce_key_of(sender)
-    if nonce_key is None:
-        return
-    if nonce_key in finished_nonces:  # done already, with the result
-        finished_nonces.discard(nonce_key)
-        return
-    ledger = _connection["ledger"]
-    if ledger is None:
-        from xnai_tasks.core import broker
+class NonceFinisher:
+    """This process's side of marking nonces done: with the final result, or after the task.
 
-        ledger = _connection["ledger"] = broker.connect(sender.app.conf.broker_url, timeout=5.0)
-    try:
-        finish_nonce(ledger, nonce_key)
-    except redis.RedisError as exc:
-        log.warning("could not mark nonce done for %s: %s", sender.request.id, exc)
+    While the result backend stores a task's final result, :meth:`storing` names that task's nonce to
+    this thread, and the backend adds "mark it done" to the same pipeline (:meth:`nonce_to_finish`,
+    :meth:`finished_with_result`); ``task_postrun`` then has nothing left to do. A task whose result is
+    not stored that way (ignored results, a failure before storing) is marked by :meth:`after_task`.
+    """
+
+    def __init__(self) -> None:
+        self._storing = threading.local()
+        self._finished: set[str] = set()
+        self._conn: redis.Redis | None = None
+
+    @contextmanager
+    def storing(self, task_id: str, *, final: bool) -> Iterator[None]:
+        """Within the block this thread stores ``task_id``'s result (its final one when ``final``)."""
+        self._storing.nonce = running_nonce_key(task_id) if final else None
+        try:
+            yield
+        finally:
+            self._storing.nonce = None
+
+    def nonce_to_finish(self) -> str | None:
+        """The ledger key to mark done with the result this thread is storing, if any."""
+        nonce_key: str | None = getattr(self._storing, "nonce", None)
+        return nonce_key
+
+    def finished_with_result(self, nonce_key: str) -> None:
+        """The nonce was marked done in the result's pipeline."""
+        self._finished.add(nonce_key)
+
+    def after_task(self, task: Any) -> None:
+        """After a task ran (in the pool child), its nonce becomes ``done``: any later copy is a replay."""
+        nonce_key = _nonce_key_of(task)
+        if nonce_key is None:
+            return
+        if nonce_key in self._finished:  # done already, with the result
+            self._finished.discard(nonce_key)
+            return
+        if self._conn is None:
+            from xnai_tasks.core import broker
+
+            self._conn = broker.connect(task.app.conf.broker_url, timeout=5.0)
+        try:
+            finish_nonce(self._conn, nonce_key)
+        except redis.RedisError as exc:
+            log.warning("could not mark nonce done for %s: %s", task.request.id, exc)
+
+
+#: This process's finisher (a pool child inherits an empty one: nothing is being stored at fork time).
+finisher = NonceFinisher()
+
+
+def finish_task(sender: Any = None, **_: Any) -> None:
+    """Celery's ``task_postrun``: mark the task's nonce done unless its result already did."""
+    finisher.after_task(sender)

@@ -14,14 +14,22 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from xnai_tasks.security.keys import SignerSource
-from xnai_tasks.security.signing import SIG_HEADER, sign_message
+from xnai_tasks.security.keyring import SignerSource
+from xnai_tasks.security.message_signature import sign_message
+from xnai_tasks.security.signature import SIG_HEADER
 
-#: The agent this process signs as by default (set once, in a worker's parent or a client).
-_process: dict[str, SignerSource | None] = {"source": None}
 
-#: A signer for the current context (a Client's submit), over the process default.
-_context_source: ContextVar[SignerSource | None] = ContextVar("xnai_signer", default=None)
+class _Signers:
+    """Who this process signs as: its default agent, and a signer the current context may set over it."""
+
+    def __init__(self) -> None:
+        #: Set once, in a worker's parent (pool children inherit it) or by a client.
+        self.process: SignerSource | None = None
+        #: A client's submit signs as its own agent for its context only.
+        self.context: ContextVar[SignerSource | None] = ContextVar("xnai_signer", default=None)
+
+
+_signers = _Signers()
 
 
 def load_agent(home: Path, agent: str) -> SignerSource:
@@ -36,21 +44,21 @@ def use_agent(home: Path, agent: str, *, default_only: bool = False) -> SignerSo
 
     With ``default_only`` an existing process default is kept (a client does not take over a worker's key).
     """
-    if default_only and _process["source"] is not None:
-        return _process["source"]
+    if default_only and _signers.process is not None:
+        return _signers.process
     source = load_agent(home, agent)
-    _process["source"] = source
+    _signers.process = source
     return source
 
 
 @contextmanager
 def signing_as(source: SignerSource) -> Iterator[None]:
     """Within the block, messages published by this thread are signed by ``source``."""
-    token = _context_source.set(source)
+    token = _signers.context.set(source)
     try:
         yield
     finally:
-        _context_source.reset(token)
+        _signers.context.reset(token)
 
 
 def current_source() -> SignerSource | None:
@@ -60,13 +68,12 @@ def current_source() -> SignerSource | None:
 
 def context_source() -> SignerSource | None:
     """The signer set by :func:`signing_as` for this thread's context, if any."""
-    return _context_source.get()
+    return _signers.context.get()
 
 
 def process_source() -> SignerSource | None:
     """The agent this process signs as by default (a role worker's role), if any."""
-    source: SignerSource | None = _process["source"]
-    return source
+    return _signers.process
 
 
 def sign_outgoing(

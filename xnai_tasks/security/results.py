@@ -19,10 +19,11 @@ from kombu.utils.encoding import bytes_to_str
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError
-from xnai_tasks.security.keys import shared_keyring
-from xnai_tasks.security.ledger import NONCE_DONE, finished_nonces, finishing, running_nonce_key
+from xnai_tasks.security.keyring import shared_keyring
+from xnai_tasks.security.ledger import NONCE_DONE, finisher
 from xnai_tasks.security.publish import process_source
-from xnai_tasks.security.signing import SIG_HEADER, sign_result, verify_result
+from xnai_tasks.security.result_signature import sign_result, verify_result
+from xnai_tasks.security.signature import SIG_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,14 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
     """
 
     ResultConsumer = VerifyingResultConsumer
+
+    def __init__(self, *args: Any, url: str | None = None, **kwargs: Any) -> None:
+        # The app names this class itself (core.celery_app.XnaiCelery), so Celery passes no URL: the
+        # configured ``result_backend`` (a broker-style URL) is the one to connect to.
+        app = kwargs.get("app")
+        if url is None and app is not None and app.conf.result_backend:
+            url = redis_backend_url(str(app.conf.result_backend))
+        super().__init__(*args, url=url, **kwargs)
 
     @cached_property
     def writer_role(self) -> str:
@@ -195,11 +204,8 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
         meta[SIG_HEADER] = sign_result(
             source.get(), task_id=str(meta.get("task_id")), status=str(meta.get("status")), result=meta.get("result")
         )
-        finishing.nonce = running_nonce_key(str(meta.get("task_id"))) if state in states.READY_STATES else None
-        try:
+        with finisher.storing(str(meta.get("task_id")), final=state in states.READY_STATES):
             return super()._set_with_state(key, json.dumps(meta), state)
-        finally:
-            finishing.nonce = None
 
     def _set(self, key: Any, value: Any, expires: int | None = None) -> None:
         """Store and publish the result, and mark the task's nonce done, in one pipeline."""
@@ -210,12 +216,12 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)
-            nonce_key = finishing.nonce
+            nonce_key = finisher.nonce_to_finish()
             if nonce_key is not None:
                 pipe.set(nonce_key, NONCE_DONE, xx=True, keepttl=True)
             pipe.execute()
         if nonce_key is not None:
-            finished_nonces.add(nonce_key)
+            finisher.finished_with_result(nonce_key)
 
 
 def _text(value: Any) -> str:
@@ -234,8 +240,8 @@ def _latest(values: list[Any]) -> Any:
     return present[0] if present else None
 
 
-def result_backend_url(broker_url: str) -> str:
-    """The ``result_backend`` setting that selects :class:`SignedRedisBackend` for a Redis URL."""
+def redis_backend_url(broker_url: str) -> str:
+    """The URL Celery's Redis result backend takes for a kombu broker URL (``redis+socket://`` -> ``socket://``)."""
     scheme, sep, rest = broker_url.partition("://")
     transport = scheme.split("+", 1)[1] if scheme.startswith("redis+") else scheme
-    return f"{__name__}:SignedRedisBackend+{transport}{sep}{rest}"
+    return f"{transport}{sep}{rest}"

@@ -34,14 +34,15 @@ from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import WorkerLostError
 from xnai_tasks.security.ledger import finish_nonce
-from xnai_tasks.security.signing import SIG_HEADER
-from xnai_tasks.settings import Settings
+from xnai_tasks.security.refusal import Reason
+from xnai_tasks.security.signature import SIG_HEADER
+from xnai_tasks.settings import Settings, process_settings
 from xnai_tasks.worker.dead_letters import dead_letter
 
 log = logging.getLogger(__name__)
 
 #: The refusal reason (counter, dead-letter entry) of a message given up on after its worker died.
-WORKER_LOST = "worker_lost"
+WORKER_LOST = Reason.WORKER_LOST
 #: How long the per-message counts are kept: past the maximum message age no copy can run anyway.
 _SIGNAL = re.compile(r"signal (\d+) \((SIG[A-Z0-9]+)\)")
 _EXITCODE = re.compile(r"exitcode (-?\d+)")
@@ -193,7 +194,7 @@ class LostWorkerRequest(Request):  # type: ignore[misc]
     def _ledger(self) -> DeliveryLedger:
         role = c.role_of_task(str(self.task_name))
         if role not in self.ledgers:
-            self.ledgers[role] = make_ledger(Settings.from_env(), str(self.app.conf.broker_url), role)
+            self.ledgers[role] = make_ledger(process_settings(), str(self.app.conf.broker_url), role)
         return self.ledgers[role]
 
 

@@ -17,30 +17,43 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from kombu.utils.encoding import bytes_to_str
 
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ModelError
+from xnai_tasks.settings import process_settings
 
-_conn: dict[str, Any] = {"pid": None, "conn": None}
 REDIS_TIMEOUT_S = 10.0
+
+
+class _TaskConnection:
+    """This process's Redis connection for the role tasks: made on first use, made again after a fork."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.conn: redis.Redis | None = None
+
+    def get(self) -> redis.Redis:
+        if self.conn is None or self.pid != os.getpid():
+            from xnai_tasks.core.celery_app import app
+
+            # In a role worker the app's broker URL carries that role's ACL credentials (security.acl).
+            url = app.conf.broker_url or process_settings().broker_url
+            self.conn = broker.connect(url, timeout=REDIS_TIMEOUT_S)
+            self.pid = os.getpid()
+        return self.conn
+
+
+_connection = _TaskConnection()
 
 
 def connection() -> redis.Redis:
     """This process's Redis connection for the role tasks (made once per process, again after a fork)."""
-    if _conn["pid"] != os.getpid() or _conn["conn"] is None:
-        from xnai_tasks.core.celery_app import app
-        from xnai_tasks.worker import startup as runtime
-
-        # In a role worker the app's broker URL carries that role's ACL credentials (xnai_tasks.security.acl).
-        url = app.conf.broker_url or runtime.settings().broker_url
-        _conn["conn"] = broker.connect(url, timeout=REDIS_TIMEOUT_S)
-        _conn["pid"] = os.getpid()
-    conn: redis.Redis = _conn["conn"]
-    return conn
+    return _connection.get()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Hit:
     """One search result: the chunk, where it comes from, and its cosine similarity to the query."""
 
@@ -51,10 +64,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.doc_id, "chunk_index": self.index, "chunk": self.text, "score": round(self.score, 4)}
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def to_bytes(vector: Sequence[float]) -> bytes:
@@ -74,7 +83,7 @@ class MemoryBank:
         meta = self.conn.hgetall(c.bank_meta_key())
         if not meta:
             return
-        held, held_dim = _text(meta.get(b"model", b"?")), int(meta.get(b"dim", b"0"))
+        held, held_dim = bytes_to_str(meta.get(b"model", b"?")), int(meta.get(b"dim", b"0"))
         if (held, held_dim) != (model, dim) and self.conn.scard(c.bank_chunks_key()) > 0:
             raise ModelError(
                 f"the memory bank holds {held_dim}-d vectors of {held}, this encoder is {model} ({dim}-d): "
@@ -127,7 +136,7 @@ class MemoryBank:
         for i in best:
             pipe.hmget(present[int(i)][0], "doc_id", "index", "text")
         hits = [
-            Hit(_text(doc_id), int(index), _text(text), float(scores[int(i)]))
+            Hit(doc_id=bytes_to_str(doc_id), index=int(index), text=bytes_to_str(text), score=float(scores[int(i)]))
             for i, (doc_id, index, text) in zip(best, pipe.execute(), strict=True)
             if doc_id is not None
         ]

@@ -11,7 +11,15 @@ from typing import Any
 
 from xnai_tasks.core import constants as c
 
-_state: dict[str, str | None] = {"role": None}
+
+class _WorkerRole:
+    """The role this process serves; pool children inherit it from the worker parent."""
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+
+
+_worker_role = _WorkerRole()
 
 
 def role_from_options(hostname: str | None, queues: Any) -> str | None:
@@ -31,14 +39,14 @@ def role_from_options(hostname: str | None, queues: Any) -> str | None:
 
 def current_role() -> str | None:
     """The role of this worker process (inherited by pool children), or None outside a role worker."""
-    return _state["role"]
+    return _worker_role.role
 
 
 def set_role(role: str | None) -> None:
     """Set the role (done by the celeryd_init handler; tests and tools may set it directly)."""
     if role is not None and role not in c.ROLES:
         raise ValueError(f"unknown role {role!r}")
-    _state["role"] = role
+    _worker_role.role = role
 
 
 def decide_role(sender: str | None = None, conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
@@ -46,16 +54,16 @@ def decide_role(sender: str | None = None, conf: Any = None, options: dict[str, 
 
     This runs in the worker's parent before anything connects or forks, so pool children inherit both.
     """
-    from xnai_tasks.security import acl
+    from xnai_tasks.security import role_config
     from xnai_tasks.security.publish import use_agent
-    from xnai_tasks.settings import Settings
+    from xnai_tasks.settings import process_settings
 
     role = role_from_options(sender, (options or {}).get("queues"))
     set_role(role)
     if role is None:
         return
-    settings = Settings.from_env()
+    settings = process_settings()
     if conf is not None:
-        acl.apply_role(conf, settings, role)
+        role_config.apply_role(conf, settings, role)
         conf["xnai_control_agent"] = role  # control commands this worker sends are signed as its role
     use_agent(settings.home, role)

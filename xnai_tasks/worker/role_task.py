@@ -64,7 +64,7 @@ def role_tasks(extra_modules: tuple[str, ...] = ()) -> dict[str, list[str]]:
         importlib.import_module(module)
     catalogue: dict[str, list[str]] = {role: [] for role in c.ROLES}
     for name in app.tasks:
-        role, _, short = name.partition(".")
+        role, short = c.split_task_name(name)
         if role in catalogue and short:
             catalogue[role].append(short)
     return {role: sorted(names) for role, names in catalogue.items()}

@@ -8,7 +8,7 @@ Connected to Celery's signals when the app is imported, so ``xnai worker grok`` 
   (:func:`xnai_tasks.plan.host.plan_for`), pin every thread of the process to the role's CPUs (the pool
   children inherit the mask), set the concurrency when none was given, resolve and verify the models
   (a missing, truncated or wrong-checksum model is one error line and exit code 1, never a crash in a
-  task), probe each LLM in a separate process (:mod:`xnai_tasks.llm_probe`: which load options run on
+  task), probe each LLM in a separate process (:mod:`xnai_tasks.models.probe`: which load options run on
   this CPU, or why none does), then preload them (no inference here: llama.cpp's OpenMP pool would hang
   the children) and ``gc.freeze()``, or leave them to be loaded lazily in the children.
 * ``celeryd_after_setup``: ``gc.freeze()`` once more, right before the pool forks.
@@ -30,10 +30,13 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from xnai_tasks.errors import XnaiError
-from xnai_tasks.models import LLM, Generation, ModelHolder, ModelRegistry, set_encoder_threads, set_llm_threads
+from xnai_tasks.models.holder import ModelHolder
+from xnai_tasks.models.inference import Generation
+from xnai_tasks.models.loading import LLM, set_encoder_threads, set_llm_threads
+from xnai_tasks.models.registry import ModelRegistry
 from xnai_tasks.plan.host import plan_for
 from xnai_tasks.plan.planner import RolePlan, for_concurrency
-from xnai_tasks.settings import Settings
+from xnai_tasks.settings import Settings, process_settings
 from xnai_tasks.worker.role import current_role
 from xnai_tasks.worker.timer import Timer
 
@@ -44,10 +47,9 @@ T = TypeVar("T")
 
 
 class _State:
-    """What this process knows about its role: settings, the plan as applied, the model registries."""
+    """What this process knows about its role: the plan as applied, the model registries."""
 
     def __init__(self) -> None:
-        self.settings: Settings | None = None
         self.explicit_concurrency: Any = None
         self.role: str | None = None
         self.role_plan: RolePlan | None = None
@@ -55,13 +57,6 @@ class _State:
 
 
 _state = _State()
-
-
-def settings() -> Settings:
-    """The settings of this process, read from the environment once."""
-    if _state.settings is None:
-        _state.settings = Settings.from_env()
-    return _state.settings
 
 
 def role_plan() -> RolePlan | None:
@@ -77,7 +72,7 @@ def registry(role: str) -> ModelRegistry:
     """
     found = _state.registries.get(role)
     if found is None:
-        current = settings()
+        current = process_settings()
         plan = plan_for(current).roles[role]
         if plan.model_mode == "preload":
             plan = replace(plan, model_mode="lazy")
@@ -124,7 +119,7 @@ def generation_report(holder: ModelHolder[LLM], out: Generation, timer: Timer) -
 
 def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegistry]:
     """Apply the plan and make the models ready in this (parent) process; return the plan as applied."""
-    current = settings()
+    current = process_settings()
     applied = for_concurrency(plan_for(current).roles[role], concurrency, current.threads)
     pin_cpus(applied.cpus)
     if applied.threads > len(applied.cpus):
@@ -156,7 +151,7 @@ def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegis
 
 def probe_models(role: str, current: Settings, plan: RolePlan, found: ModelRegistry) -> None:
     """Probe each LLM the role serves in a separate process; serve with what works, or mark it unavailable."""
-    from xnai_tasks.llm_probe import probe_llm
+    from xnai_tasks.models.probe import probe_llm
 
     for holder in found.holders():
         if holder.model.kind != "gguf" or holder.mode == "none":

@@ -1,7 +1,7 @@
 """The LLM probe's child: load a GGUF with given llama.cpp options, generate a few tokens, print JSON.
 
-Run as ``python -m xnai_tasks.probe_runner --model PATH --options JSON --threads N`` by
-:mod:`xnai_tasks.llm_probe`, always in a process of its own: a model that cannot run on this CPU
+Run as ``python -m xnai_tasks.models.probe_runner --model PATH --options JSON --threads N`` by
+:mod:`xnai_tasks.models.probe`, always in a process of its own: a model that cannot run on this CPU
 kills this process (SIGILL, SIGSEGV) or hangs it, never the worker that asked.
 """
 
@@ -20,7 +20,7 @@ PROBE_CONTEXT = 256
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xnai_tasks.probe_runner")
+    parser = argparse.ArgumentParser(prog="python -m xnai_tasks.models.probe_runner")
     parser.add_argument("--model", required=True)
     parser.add_argument("--options", default="{}")
     parser.add_argument("--threads", type=int, default=1)
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pathlib import Path
 
-    from xnai_tasks.models import load_llm
+    from xnai_tasks.models.loading import load_llm
 
     start = time.monotonic()
     llm = load_llm(Path(args.model), PROBE_CONTEXT, args.threads, options=json.loads(args.options))

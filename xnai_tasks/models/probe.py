@@ -3,7 +3,7 @@
 A CPU may advertise instructions its VM does not allow (AMX under a hypervisor that does not enable
 it), and a llama.cpp built for another machine may use instructions this one lacks. Either kills the
 process that generates, by a signal, at the first matrix multiply. So the worker parent never finds out
-by crashing: it runs :mod:`xnai_tasks.probe_runner` in a separate process (a fresh interpreter, never a
+by crashing: it runs :mod:`xnai_tasks.models.probe_runner` in a separate process (a fresh interpreter, never a
 fork: see the OpenMP hang) with the load options the children will use, and reads its fate:
 
 * the runner printed real text: those options work;
@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xnai_tasks.core.files import read_json_object, write_json_atomic
-from xnai_tasks.models import ModelFile, ggml_backend_libraries, models_dir
+from xnai_tasks.models.ggml import ggml_backend_libraries
+from xnai_tasks.models.model_file import ModelFile, models_dir
 from xnai_tasks.settings import Settings
 
 log = logging.getLogger(__name__)

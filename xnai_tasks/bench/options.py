@@ -1,0 +1,22 @@
+"""What ``xnai bench NAME`` was asked for: the options every benchmark reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """Options of one benchmark run; ``None`` leaves the choice to the benchmark's own default."""
+
+    tasks: int = 2000
+    rounds: int = 3
+    concurrency: int = 2
+    tokens: int | None = None
+    threads: int | None = None
+    texts: int | None = None
+
+
+def or_default(value: int | None, default: int) -> int:
+    """``value`` if given, else ``default``."""
+    return default if value is None else value
