@@ -13,6 +13,7 @@ from kombu import Exchange, Queue
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.security import acl, redis_urls, role_config
+from xnai_tasks.security.limits import MAX_DEPTH
 
 if TYPE_CHECKING:
     from xnai_tasks.settings import Settings
@@ -26,7 +27,7 @@ SERIALIZATION: dict[str, Any] = {
     "result_accept_content": ["json"],
 }
 
-#: DESIGN.md 9: a task is acked after it ran, a lost worker's task goes back to the queue,
+#: README, Reliability: a task is acked after it ran, a lost worker's task goes back to the queue,
 #: model workers take one message at a time, results expire.
 RELIABILITY: dict[str, Any] = {
     "task_acks_late": True,
@@ -41,6 +42,9 @@ RELIABILITY: dict[str, Any] = {
     # Flower and `xnai status` need events.
     "worker_send_task_events": True,
     "task_send_sent_event": True,
+    # Task arguments in those events (what Flower shows) written out as deep as the gate lets them nest,
+    # not cut to `[...]` past 3 levels (Celery still writes at most 1024 characters of them).
+    "task_repr_maxlevels": MAX_DEPTH,
 }
 
 #: Retry policy for transient errors inside tasks (see xnai_tasks.worker.role_task.RoleTask).

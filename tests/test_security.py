@@ -1,4 +1,4 @@
-"""DESIGN.md 6 over real workers: every refusal refuses, says why, executes nothing and loses nothing."""
+"""README, Security over real workers: every refusal refuses, says why, executes nothing and loses nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from nacl.signing import SigningKey
 from xnai_tasks.client.sync import Client, TaskHandle
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
-from xnai_tasks.errors import ResultSignatureError, TaskRevokedError, UsageError
+from xnai_tasks.errors import MessageRejected, ResultSignatureError, TaskRevokedError, UsageError
 from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.security import acl, key_admin, keyring, redis_urls
 from xnai_tasks.security.key_pair import Signer
@@ -58,8 +58,11 @@ def assert_refused(
     while refused_count(conn, role, reason) == before:
         assert time.monotonic() < deadline, f"{role} never refused {task_id} as {reason}"
         time.sleep(0.05)
-    # never executed: no result was ever stored for it
-    assert AsyncResult(task_id, app=app).state == "PENDING"
+    # never executed: no result was ever stored for it but the worker's signed refusal (gate.RefusalNotice)
+    result = AsyncResult(task_id, app=app)
+    assert result.state in ("PENDING", "FAILURE")
+    if result.state == "FAILURE":
+        assert isinstance(result.result, MessageRejected) and result.result.reason == reason
     # rejected without requeue: nothing waits in the queue
     assert broker.queue_depth(conn, role) == 0
     # kept: the raw message is in the role's dead-letter list
@@ -262,7 +265,7 @@ def test_a_flood_of_bad_messages_does_not_starve_good_work(
     while sum(int(v) for v in conn.hgetall(c.refused_counter_key("curation")).values()) < before + 1000:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert all(AsyncResult(task_id, app=control_app).state == "PENDING" for task_id in bad_ids[::50])
+    assert all(AsyncResult(task_id, app=control_app).state in ("PENDING", "FAILURE") for task_id in bad_ids[::50])
     assert conn.llen(c.dead_letter_key("curation")) <= c.DEAD_LETTER_MAX
 
 

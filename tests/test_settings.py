@@ -88,3 +88,53 @@ def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for variable in VARIABLES:
         assert f"| `{variable.name}` | {variable.default} | {variable.meaning} |" in readme
+
+
+def test_reserved_cores_that_leave_no_core_for_the_workers_are_refused(home: Path) -> None:
+    from xnai_tasks.settings import host_cores
+
+    # Given more reserved cores than this host has (above the default, which the plan lets small hosts share)
+    cores = host_cores()
+    for value in (max(cores, 2) + 1, 99):
+        # When settings are read, Then one line names the variable and the host's core count
+        with pytest.raises(SettingsError) as err:
+            Settings.from_env({"XNAI_HOME": str(home), "XNAI_RESERVED_CORES": str(value)})
+        assert str(err.value) == (
+            f"XNAI_RESERVED_CORES={value} leaves no core for the workers: "
+            f"this host has {cores} core{'s' if cores > 1 else ''}"
+        )
+
+
+def test_reserved_cores_that_leave_a_core_or_are_the_default_are_accepted(home: Path) -> None:
+    from xnai_tasks.settings import host_cores
+
+    # Given a reservation that leaves a core, and the default (the plan shares every CPU when none is left)
+    for value in {0, max(0, host_cores() - 1), 2}:
+        # Then it is accepted as it is
+        settings = Settings.from_env({"XNAI_HOME": str(home), "XNAI_RESERVED_CORES": str(value)})
+        assert settings.reserved_cores == value
+
+
+def test_redis_memory_cap_above_the_hosts_ram_is_refused(home: Path) -> None:
+    import psutil
+
+    # Given an embedded Redis cap larger than this host's RAM (it would be OOM-killed before refusing a write)
+    ram_mb = psutil.virtual_memory().total // 2**20
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"XNAI_HOME": str(home), "XNAI_REDIS_MAXMEMORY_MB": str(ram_mb + 1)})
+    # Then one line names the variable and the RAM
+    assert str(err.value) == f"XNAI_REDIS_MAXMEMORY_MB={ram_mb + 1} is more than this host's RAM ({ram_mb} MiB)"
+    # And a cap within the RAM is accepted
+    assert Settings.from_env({"XNAI_HOME": str(home), "XNAI_REDIS_MAXMEMORY_MB": "64"}).redis_maxmemory_mb == 64
+
+
+@pytest.mark.parametrize("name", ["XNAI_RESERVED_CORES", "XNAI_REDIS_MAXMEMORY_MB"])
+def test_cli_refuses_a_setting_this_host_cannot_honour_in_one_line(home: Path, name: str) -> None:
+    # Given a value legal in range but too big for this host
+    env = {"XNAI_HOME": str(home), name: "99" if name == "XNAI_RESERVED_CORES" else str(1 << 20)}
+    # When a command starts
+    done = run_xnai(["plan"], env=env, timeout=30)
+    # Then one line, exit 2, naming the variable and what this host has
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"xnai: {name}=") and "this host" in lines[0], lines

@@ -2,7 +2,7 @@
 
 Grok holds the LLM and the encoder. When the LLM cannot be loaded (over the RAM budget in lazy mode,
 or missing), ``analyze`` and ``synthesize`` (given a context) degrade to an encoder-only extractive
-answer marked ``degraded: true`` with the reason, instead of failing (DESIGN.md 2).
+answer marked ``degraded: true`` with the reason, instead of failing (README, Models).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ ANALYZE_MAX_TOKENS = 96
 MAX_TOKENS_LIMIT = 2048
 #: Sentences an extractive (degraded) answer keeps.
 EXTRACT_SENTENCES = 3
+#: An LLM sentence in an assessment is kept only if some evidence sentence is at least this similar to it
+#: (all-MiniLM-L6-v2 cosine): what the small model adds beyond the evidence is dropped, and counted.
+SUPPORT_MIN = 0.5
+#: Answering from evidence: less sampling noise, one paragraph.
+GROUNDED_TEMPERATURE = 0.3
+PARAGRAPH_STOP = ["\n\n", "\nQuestion:", "\nFacts:", "\nNotes:"]
 
 register_diagnostics(ROLE)
 
@@ -90,11 +96,17 @@ def synthesize(
             "timings": timer.as_dict(),
         }
     holder = runtime.registry(ROLE).llm
-    text = question if background is None else f"{background.strip()}\n\n{question}"
+    notes = None if background is None else f"Notes: {background.strip()}"
     with holder.use() as llm, timer.phase("generate"):
-        temp = float(llm.defaults.get("temperature", 0.7)) if temperature is None else float(temperature)
-        out = m.generate(llm, text, limit, temp, seed=seed)
-    return {"prompt": question, "text": out["text"], "degraded": False} | runtime.generation_report(holder, out, timer)
+        default = float(llm.defaults.get("temperature", 0.7)) if notes is None else GROUNDED_TEMPERATURE
+        temp = default if temperature is None else float(temperature)
+        out = m.generate(
+            llm, question, limit, temp, seed=seed, system=notes, stop=None if notes is None else ["\nQuestion:"]
+        )
+    text = out["text"].removeprefix("Answer:").strip()
+    return {"prompt": question, "text": text, "grounded": notes is not None, "degraded": False} | (
+        runtime.generation_report(holder, out, timer)
+    )
 
 
 def _options(options: Any) -> list[tuple[str, str]]:
@@ -114,18 +126,46 @@ def _options(options: Any) -> list[tuple[str, str]]:
     return pairs
 
 
+def _supported(text: str, evidence: list[str], timer: Timer) -> tuple[str, int]:
+    """The sentences of ``text`` that some evidence sentence supports (:data:`SUPPORT_MIN`), and how many were not."""
+    said = sentences(text)
+    if not said or not evidence:
+        return "", len(said)
+    vectors = _embed([*said, *evidence], timer)
+    kept = [
+        sentence
+        for sentence, vector in zip(said, vectors[: len(said)], strict=True)
+        if max(m.cosine(vector, other) for other in vectors[len(said) :]) >= SUPPORT_MIN
+    ]
+    return " ".join(kept), len(said) - len(kept)
+
+
+def _mentions(name: str, background: str | None) -> str:
+    """The sentences of ``background`` that name ``name`` (case-insensitive): the bank's evidence about it."""
+    if not background:
+        return ""
+    return " ".join(s for s in sentences(background) if name.lower() in s.lower())
+
+
 @role_task(ROLE)
 def analyze(
-    self: RoleTask, question: str, options: list[Any], max_tokens: int = ANALYZE_MAX_TOKENS, seed: int | None = None
+    self: RoleTask,
+    question: str,
+    options: list[Any],
+    context: str | None = None,
+    max_tokens: int = ANALYZE_MAX_TOKENS,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """A structured trade-off comparison of ``options`` for ``question``.
+    """A structured trade-off comparison of ``options`` for ``question``, from evidence.
 
-    Each option gets a relevance score (encoder: cosine similarity of the option to the question), the
-    sentences of its description that bear most on the question, and an LLM assessment of its advantages
-    and disadvantages (``max_tokens`` each). The recommendation is the most relevant option.
+    The evidence is each option's description and ``context`` (e.g. memory bank chunks). Each option gets a
+    relevance score (encoder: cosine similarity of the option to the question), the evidence sentences that
+    bear most on it, and an LLM assessment written from that evidence (``max_tokens`` each) of which only the
+    sentences the evidence supports are kept. The recommendation is the most relevant option.
     """
     asked = require_text("question", question, max_chars=4000)
     pairs = _options(options)
+    background = optional_text("context", context)
     limit = require_count("max_tokens", max_tokens, 1, 512)
     timer = Timer()
     described = [f"{name}: {description}" if description else name for name, description in pairs]
@@ -133,19 +173,25 @@ def analyze(
     relevance = [m.cosine(vectors[0], v) for v in vectors[1:]]
     reason = _llm_unavailable(timer)
     rows: list[dict[str, Any]] = []
-    tokens = 0
+    tokens = unsupported = 0
     for (name, description), score in zip(pairs, relevance, strict=True):
         row: dict[str, Any] = {"name": name, "description": description, "relevance": round(score, 4)}
-        row["evidence"] = _extract(asked, description, timer, 2) if description else []
-        if reason is None:
+        facts = " ".join(part for part in (description, _mentions(name, background)) if part)
+        row["evidence"] = _extract(f"{asked} {name}", facts, timer, 2) if facts else []
+        extracted = " ".join(e["sentence"] for e in row["evidence"]) or None
+        if reason is None and facts:
             holder = runtime.registry(ROLE).llm
-            prompt = f"{asked}\nWhat are the advantages and disadvantages of {described[len(rows)]}?"
+            prompt = f"{asked} Using only the facts, give one advantage and one disadvantage of {name}."
             with holder.use() as llm, timer.phase("generate"):
-                out = m.generate(llm, prompt, limit, float(llm.defaults.get("temperature", 0.7)), seed=seed)
-            row["assessment"] = out["text"]
+                out = m.generate(
+                    llm, prompt, limit, GROUNDED_TEMPERATURE, seed=seed, system=f"Facts: {facts}", stop=PARAGRAPH_STOP
+                )
             tokens += out["completion_tokens"]
+            kept, dropped = _supported(out["text"].removeprefix("Answer:"), sentences(facts), timer)
+            unsupported += dropped
+            row["assessment"] = kept or extracted
         else:
-            row["assessment"] = " ".join(e["sentence"] for e in row["evidence"]) or None
+            row["assessment"] = extracted
         rows.append(row)
     ranked = sorted(rows, key=lambda r: r["relevance"], reverse=True)
     models = runtime.registry(ROLE)
@@ -159,7 +205,12 @@ def analyze(
         "ranking": [r["name"] for r in ranked],
         "recommendation": ranked[0]["name"],
         "method": "ranked by encoder similarity to the question"
-        + ("; assessments are extracted sentences (no LLM)" if reason else "; assessments are LLM text, unchecked"),
+        + (
+            "; assessments are extracted evidence sentences (no LLM)"
+            if reason
+            else f"; assessments are LLM sentences the evidence supports (cosine >= {SUPPORT_MIN}), else evidence"
+        ),
+        "unsupported_sentences_dropped": unsupported,
         "degraded": reason is not None,
         "degraded_reason": reason,
         "completion_tokens": tokens,

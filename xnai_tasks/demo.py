@@ -1,20 +1,29 @@
 """``make demo``: start the embedded stack, have every role do real work on the real models, print it, stop.
 
-cline writes a documentation paragraph and Python code (with its validation report), grok weighs two
-options, curation indexes three documents and answers a paraphrased query from them, and every role's
-``health`` shows who answered, on which CPUs, and which models it holds.
+curation indexes four documents into the memory bank and answers a paraphrased query from them; then,
+retrieval first, cline writes a documentation paragraph grounded in the bank's chunks about its topic and
+Python code (with its validation report), and grok weighs two options from the evidence (their descriptions
+and the bank's chunks); every role's ``health`` shows who answered, on which CPUs, and which models it holds.
 
-Each step is one line with the seconds since the start. First it says how each LLM was found to run on
-this host (llama.cpp's defaults, or the safe options after a probe crashed); when cline's LLM cannot run
-at all, or a step fails or is refused, the demo stops at once with the reason instead of waiting.
+Each step is one line with the seconds since the start; while a step waits, a terminal shows the seconds
+it has waited on that line. First it says how each LLM was found to run on this host (llama.cpp's
+defaults, or the safe options after a probe crashed); when cline's LLM cannot run at all, or a step fails
+or is refused, the demo stops at once with the reason instead of waiting. The workers', Redis's and
+Flower's own output goes to files under ``XNAI_HOME/logs``, not to the terminal: the demo prints only its
+own story.
 """
 
 from __future__ import annotations
 
+import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from xnai_tasks.client.grounding import bank_context
 from xnai_tasks.client.sync import Client
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import XnaiError
@@ -36,6 +45,11 @@ DOCUMENTS = [
         "writes is lost when the machine loses power.",
     },
     {
+        "id": "sqlite",
+        "text": "SQLite is an embedded database: the whole database is one file and no server process runs. "
+        "PostgreSQL needs a server process to be installed, started and kept running.",
+    },
+    {
         "id": "bananas",
         "text": "Bananas are rich in potassium and easy to carry, which makes them a popular snack for hikers.",
     },
@@ -48,9 +62,38 @@ class Steps:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.tty = sys.stdout.isatty()
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)
+
+    @contextmanager
+    def waiting(self, text: str) -> Iterator[None]:
+        """Say ``text``; on a terminal, count the seconds on that line until the block ends."""
+        if not self.tty:
+            self.say(text)
+            yield
+            return
+        start = time.monotonic()
+        done = threading.Event()
+
+        def tick() -> None:
+            while True:
+                line = f"[{time.monotonic() - self.started:6.1f} s] {text} {time.monotonic() - start:.0f} s"
+                sys.stdout.write(f"\r{line}\033[K")
+                sys.stdout.flush()
+                if done.wait(0.5):
+                    return
+
+        ticker = threading.Thread(target=tick, name="xnai-demo-ticker", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 class DemoStopped(XnaiError):
@@ -65,17 +108,23 @@ def run_demo(settings: Settings) -> int:
 
     raise_on_stop_signals()
     steps = Steps()
-    steps.say(f"starting Redis, 4 workers, beat and Flower (their logs: {settings.log_dir})")
+    steps.say(f"starting Redis, 4 workers, beat and Flower (their output and logs: {settings.log_dir})")
     try:
-        with Stack(settings, flower=True) as stack:
-            stack.wait_workers(app)
+        with Stack(settings, flower=True, output_dir=settings.log_dir) as stack:
+            with steps.waiting("waiting for the workers (each probes and loads its models) ..."):
+                stack.wait_workers(app)
             steps.say("stack up")
             client = Client(settings)
             try:
                 check_models(client, steps)
                 show_work(client, steps)
-                handles = {role: client.submit(role, "health") for role in c.ROLES}
-                answers = {role: handle.get(timeout=TASK_TIMEOUT_S) for role, handle in handles.items()}
+                with steps.waiting("health of every role ..."):
+                    handles = [client.submit(role, "health") for role in c.ROLES]
+                    answers = {
+                        role: handle.get(timeout=TASK_TIMEOUT_S) for role, handle in zip(c.ROLES, handles, strict=True)
+                    }
+                    # A pending result left for the garbage collector would reach for Redis after it stopped.
+                    del handles
             finally:
                 client.close()
     except StopRequested:
@@ -107,8 +156,8 @@ def check_models(client: Client, steps: Steps) -> None:
 
 def _call(client: Client, steps: Steps, role: str, task: str, **kwargs: Any) -> dict[str, Any]:
     start = time.monotonic()
-    steps.say(f"{role}.{task} ...")
-    result: dict[str, Any] = client.submit(role, task, **kwargs).get(timeout=TASK_TIMEOUT_S)
+    with steps.waiting(f"{role}.{task} ..."):
+        result: dict[str, Any] = client.submit(role, task, **kwargs).get(timeout=TASK_TIMEOUT_S)
     steps.say(f"{role}.{task} answered in {time.monotonic() - start:.1f} s")
     return result
 
@@ -126,11 +175,20 @@ def _llm_line(result: dict[str, Any]) -> str:
 
 
 def show_work(client: Client, steps: Steps) -> None:
-    """Real work on every worker role, printed as it comes."""
-    docs = _call(
-        client, steps, "cline", "generate_docs", topic="the prefork pool of a Celery worker", max_tokens=96, seed=3
-    )
-    print("cline.generate_docs: a paragraph about the prefork pool (small base model, printed as generated)")
+    """Real work on every worker role, printed as it comes: the bank first, so cline and grok can use it."""
+    indexed = _call(client, steps, "curation", "index", documents=DOCUMENTS)
+    found = _call(client, steps, "curation", "search", query=QUERY, k=2)
+    print(f"curation.index: {indexed['documents']} documents, {indexed['chunks']} chunks ({indexed['model']})")
+    print(f"curation.search: {QUERY!r}")
+    for hit in found["hits"]:
+        print(f"  {hit['score']:.3f}  {hit['id']}: {hit['chunk'][:90]}")
+    print(flush=True)
+
+    topic = "the prefork pool of a Celery worker"
+    notes = bank_context(client, topic)
+    docs = _call(client, steps, "cline", "generate_docs", topic=topic, context=notes or None, max_tokens=96, seed=3)
+    grounding = f"grounded in {len(notes.splitlines())} bank chunk(s)" if notes else "no bank chunk was relevant"
+    print(f"cline.generate_docs: a paragraph about the prefork pool, {grounding} (small base model, as generated)")
     print(_wrap(docs["text"]))
     print(_llm_line(docs) + "\n", flush=True)
 
@@ -153,12 +211,14 @@ def show_work(client: Client, steps: Steps) -> None:
     print(textwrap.indent(code["code"], "  | "))
     print(_llm_line(code) + "\n", flush=True)
 
+    question = "Which database should a small offline desktop app use?"
     analysis = _call(
         client,
         steps,
         "grok",
         "analyze",
-        question="Which database should a small offline desktop app use?",
+        question=question,
+        context=bank_context(client, question) or None,
         options=[
             {"name": "SQLite", "description": "An embedded database stored in one file, with no server to run."},
             {"name": "PostgreSQL", "description": "A client-server database that needs a running server process."},
@@ -170,14 +230,7 @@ def show_work(client: Client, steps: Steps) -> None:
     for option in analysis["options"]:
         print(f"  {option['name']}: relevance {option['relevance']}")
         print(_wrap("  " + (option["assessment"] or "")))
-    print()
-
-    indexed = _call(client, steps, "curation", "index", documents=DOCUMENTS)
-    found = _call(client, steps, "curation", "search", query=QUERY, k=2)
-    print(f"curation.index: {indexed['documents']} documents, {indexed['chunks']} chunks ({indexed['model']})")
-    print(f"curation.search: {QUERY!r}")
-    for hit in found["hits"]:
-        print(f"  {hit['score']:.3f}  {hit['id']}: {hit['chunk'][:90]}")
+    print(f"  ({analysis['unsupported_sentences_dropped']} LLM sentence(s) the evidence did not support were dropped)")
     print(flush=True)
 
 

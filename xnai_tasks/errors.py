@@ -1,6 +1,6 @@
 """One error tree. Every error the project raises on purpose is an :class:`XnaiError`.
 
-Each class carries the CLI exit code fixed in DESIGN.md 4, so the CLI maps an error to its code
+Each class carries the CLI exit code fixed in README, CLI, so the CLI maps an error to its code
 without a lookup table: 2 usage, 3 refused, 4 task failed, 5 timed out, 6 broker unreachable.
 """
 

@@ -66,6 +66,10 @@ VARIABLES: tuple[Variable, ...] = (
 #: XNAI_LLM_SAFE's values.
 LLM_SAFE_MODES = ("auto", "on", "off")
 
+#: XNAI_RESERVED_CORES when unset. On a host of this many cores or fewer it leaves no core for the workers and
+#: the plan lets the roles share every CPU (xnai_tasks.plan.planner); a larger value that leaves none is refused.
+DEFAULT_RESERVED_CORES = 2
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -105,7 +109,7 @@ class Settings:
             redis_url=_optional(env, "XNAI_REDIS_URL", _parse_redis_url),
             llm_model=_optional(env, "XNAI_LLM_MODEL", _parse_path("XNAI_LLM_MODEL")),
             encoder_model=_optional(env, "XNAI_ENCODER_MODEL", _parse_path("XNAI_ENCODER_MODEL")),
-            reserved_cores=_int(env, "XNAI_RESERVED_CORES", 2, 0, 1024),
+            reserved_cores=_int(env, "XNAI_RESERVED_CORES", DEFAULT_RESERVED_CORES, 0, 1024),
             flower_port=_int(env, "XNAI_FLOWER_PORT", 5555, 1, 65535),
             visibility_timeout=_int(env, "XNAI_VISIBILITY_TIMEOUT", 3600, 10, 7 * 24 * 3600),
             task_time_limit=_int(env, "XNAI_TASK_TIME_LIMIT", 1800, 1, 7 * 24 * 3600),
@@ -135,6 +139,7 @@ class Settings:
                 f"XNAI_MAX_MESSAGE_AGE={settings.max_message_age} must be above "
                 f"XNAI_VISIBILITY_TIMEOUT={settings.visibility_timeout}, or redelivered tasks are refused as expired"
             )
+        _check_fits_host(settings)
         return settings
 
     def to_env(self) -> dict[str, str]:
@@ -226,6 +231,33 @@ _process = _ProcessSettings()
 def process_settings() -> Settings:
     """This process's settings, read from the environment the first time they are asked for."""
     return _process.get()
+
+
+def _check_fits_host(settings: Settings) -> None:
+    """Refuse values legal on some host but not on this one, naming what this host has."""
+    if settings.reserved_cores > DEFAULT_RESERVED_CORES:
+        cores = host_cores()
+        if settings.reserved_cores >= cores:
+            raise SettingsError(
+                f"XNAI_RESERVED_CORES={settings.reserved_cores} leaves no core for the workers: "
+                f"this host has {cores} core{'s' if cores > 1 else ''}"
+            )
+    if settings.redis_maxmemory_mb is not None:
+        import psutil
+
+        ram_mb = int(psutil.virtual_memory().total) // (1024 * 1024)
+        if settings.redis_maxmemory_mb > ram_mb:
+            raise SettingsError(
+                f"XNAI_REDIS_MAXMEMORY_MB={settings.redis_maxmemory_mb} is more than this host's RAM ({ram_mb} MiB)"
+            )
+
+
+def host_cores() -> int:
+    """Cores this process may use, counted as the plan counts them: physical cores, within the affinity mask."""
+    import psutil
+
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, min(psutil.cpu_count(logical=False) or cpus, cpus))
 
 
 def _optional(env: Mapping[str, str], name: str, parse: Callable[[str], T]) -> T | None:

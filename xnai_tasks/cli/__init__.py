@@ -1,4 +1,4 @@
-"""The ``xnai`` command (DESIGN.md 4), one module per command group. Errors are one line on stderr; exit codes
+"""The ``xnai`` command (README, CLI), one module per command group. Errors are one line on stderr; exit codes
 come from errors.py.
 """
 

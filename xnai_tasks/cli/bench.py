@@ -15,12 +15,12 @@ from xnai_tasks.settings import Settings
 @click.command("bench", cls=Command)
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--tasks", type=Number(int), default=2000, help="tasks per measurement (roundtrip)")
-@click.option("--rounds", type=Number(int), default=3, help="alternating rounds; the median is reported")
-@click.option("--concurrency", type=Number(int), default=2, help="worker pool processes")
-@click.option("--tokens", type=Number(int), default=None, help="max tokens per LLM task (llm, memory, threads)")
-@click.option("--threads", type=Number(int), default=None, help="threads per process (llm; default 2)")
-@click.option("--texts", type=Number(int), default=None, help="texts per embedding measurement (embed, threads)")
+@click.option("--tasks", type=Number(int, low=1), default=2000, help="tasks per measurement (roundtrip)")
+@click.option("--rounds", type=Number(int, low=1), default=3, help="alternating rounds; the median is reported")
+@click.option("--concurrency", type=Number(int, low=1), default=2, help="worker pool processes")
+@click.option("--tokens", type=Number(int, low=1), default=None, help="max tokens per LLM task (llm, memory, threads)")
+@click.option("--threads", type=Number(int, low=1), default=None, help="threads per process (llm; default 2)")
+@click.option("--texts", type=Number(int, low=1), default=None, help="texts per embedding measurement (embed, threads)")
 @click.pass_obj
 def bench_command(
     settings: Settings,

@@ -7,6 +7,7 @@ scripts that read them keep working.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,17 +28,28 @@ else:
 
 
 class Number(_ParamType):
-    """An ``int`` or ``float`` value."""
+    """An ``int`` or ``float`` value; with a bound, a finite one at least ``low`` or more than ``above``."""
 
-    def __init__(self, kind: type[int] | type[float]) -> None:
+    def __init__(self, kind: type[int] | type[float], *, low: int | None = None, above: int | None = None) -> None:
         self.kind = kind
         self.name = kind.__name__
+        self.low = low
+        self.above = above
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
         try:
-            return self.kind(value)
+            number = self.kind(value)
         except (TypeError, ValueError):
             self.fail(f"invalid {self.name} value: {value!r}", param, ctx)
+        if self.low is None and self.above is None:
+            return number
+        if not math.isfinite(number):
+            self.fail(f"must be a finite number, not {value!r}", param, ctx)
+        if self.low is not None and number < self.low:
+            self.fail(f"must be at least {self.low}, not {value!r}", param, ctx)
+        if self.above is not None and number <= self.above:
+            self.fail(f"must be more than {self.above}, not {value!r}", param, ctx)
+        return number
 
 
 class Choice(_ParamType):

@@ -13,6 +13,21 @@ from xnai_tasks.errors import UsageError
 from xnai_tasks.settings import Settings
 
 
+def keys_on_first_run(settings: Settings) -> None:
+    """On a fresh home served by the embedded Redis, make the keys as ``xnai up`` does before it starts anything.
+
+    Each line of the Procfile (honcho starts them all at once) does this for itself, so none depends on another
+    going first: :func:`~xnai_tasks.security.key_admin.init_keys` holds the keyring's lock and gives only an agent
+    without a key a new one, so processes racing here agree on one keyring. A home that has a keyring is left as
+    it is (a revoked agent stays revoked); with an external Redis the operator makes and shares the keys.
+    """
+    from xnai_tasks.security.key_admin import init_keys
+    from xnai_tasks.security.key_store import keyring_path
+
+    if settings.embedded and not keyring_path(settings.home).exists():
+        init_keys(settings.home)
+
+
 @click.command("up", cls=Command)
 @click.option("--roles", default=",".join(c.ROLES), help="comma-separated roles (default: all)")
 @click.option("--no-flower", is_flag=True, help="do not start Flower")
@@ -43,14 +58,16 @@ def up_command(settings: Settings, roles: str, no_flower: bool) -> int:
 
 @click.command("worker", cls=Command)
 @click.argument("role")
-@click.option("--concurrency", "-c", type=Number(int), default=None, help="pool processes (default: the plan)")
+@click.option("--concurrency", "-c", type=Number(int, low=1), default=None, help="pool processes (default: the plan)")
 @click.option("--beat", is_flag=True, help="also run Celery beat (the copilot does)")
 @click.pass_obj
 def worker_command(settings: Settings, role: str, concurrency: int | None, beat: bool) -> int:
     """Run one role's worker."""
     from xnai_tasks.worker.argv import run_worker
 
-    run_worker(settings, role_name(role), concurrency=concurrency, beat=beat)
+    name = role_name(role)
+    keys_on_first_run(settings)
+    run_worker(settings, name, concurrency=concurrency, beat=beat)
     return 0
 
 
@@ -93,6 +110,7 @@ def guard_command(settings: Settings) -> int:
 
     if not settings.embedded:
         raise UsageError("XNAI_REDIS_URL is set: the memory guard watches the embedded Redis only")
+    keys_on_first_run(settings)
     raise_on_stop_signals()
     setup_logging(settings)
     admin = broker.connect(redis_urls.connection_url(settings, acl.ADMIN))
@@ -115,6 +133,7 @@ def flower_command(settings: Settings) -> int:
 
     from xnai_tasks.ops.flower import ensure_credentials, flower_argv, flower_env
 
+    keys_on_first_run(settings)
     creds, new = ensure_credentials(settings)
     if new:
         print(f"Flower credentials (shown once, kept in {settings.home}): {creds.basic_auth}", flush=True)

@@ -14,7 +14,7 @@ from xnai_tasks.settings import Settings
 @click.command("status", cls=Command)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--dead-letters", metavar="ROLE", help="print the refused raw messages kept for ROLE")
-@click.option("--limit", type=Number(int), default=20, help="with --dead-letters: how many, newest first")
+@click.option("--limit", type=Number(int, low=1), default=20, help="with --dead-letters: how many, newest first")
 @click.pass_obj
 def status_command(settings: Settings, as_json: bool, dead_letters: str | None, limit: int) -> int:
     """Broker, workers, queues and refused messages."""

@@ -17,7 +17,7 @@ from xnai_tasks.settings import Settings
 @click.argument("task")
 @click.option("--kwargs", default="{}", help="task keyword arguments as a JSON object")
 @click.option("--wait", is_flag=True, help="wait and print the result as JSON")
-@click.option("--timeout", type=Number(float), default=60.0, help="seconds to wait with --wait (default 60)")
+@click.option("--timeout", type=Number(float, above=0), default=60.0, help="seconds to wait with --wait (default 60)")
 @click.pass_obj
 def submit_command(settings: Settings, role: str, task: str, kwargs: str, wait: bool, timeout: float) -> int:
     """Enqueue a signed task; with --wait print its result as JSON."""

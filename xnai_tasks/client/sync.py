@@ -18,6 +18,7 @@ from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import (
     BrokerUnreachableError,
+    MessageRejected,
     ModelUnavailableError,
     OverBudgetError,
     RefusedError,
@@ -35,9 +36,9 @@ from xnai_tasks.security.results import VERIFIED, VerifiedBy
 from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.settings import Settings
 
-#: Errors a task raises to refuse work (the model cannot run here, over the RAM budget): the caller is refused
-#: (CLI exit 3), not told that the task failed.
-REFUSALS = frozenset(cls.__name__ for cls in (RefusedError, ModelUnavailableError, OverBudgetError))
+#: Errors a task raises to refuse work (the model cannot run here, over the RAM budget), and the one a worker
+#: stores for a message its gate refused: the caller is refused (CLI exit 3), not told that the task failed.
+REFUSALS = frozenset(cls.__name__ for cls in (RefusedError, ModelUnavailableError, OverBudgetError, MessageRejected))
 
 
 class TaskHandle:
@@ -126,10 +127,14 @@ class Client:
     def submit(self, role: str, task: str, **kwargs: Any) -> TaskHandle:
         """Enqueue ``ROLE.TASK`` with ``kwargs`` on the role's own queue.
 
-        ``kwargs`` must be plain JSON (no NaN or infinity, not nested deeper than ``limits.MAX_DEPTH``):
-        anything else is refused here with :class:`UsageError`, before anything is sent.
+        ``kwargs`` must fit the task's Python signature (no argument missing, none unknown) and be plain JSON
+        (no NaN or infinity, not nested deeper than ``limits.MAX_DEPTH``): anything else is refused here with
+        :class:`UsageError`, before anything is sent.
         """
+        from xnai_tasks.worker.role_task import check_call
+
         self._check(role, task)
+        check_call(role, task, kwargs)  # refused here (exit 2), not as a TypeError in the worker (exit 4)
         check_arguments(f"{role}.{task}", kwargs)  # refused here (exit 2), never sent half-signed
         keyring = self._ready()
         assert self._signer is not None  # set by _ready

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -13,6 +14,8 @@ from xnai_tasks.errors import BrokerUnreachableError
 from xnai_tasks.settings import Settings
 
 CONNECT_TIMEOUT_S = 2.0
+#: How often :func:`require_reachable` asks again while it waits for a Redis that is starting.
+WAIT_STEP_S = 0.1
 
 
 def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S, retries: int = 3) -> redis.Redis:
@@ -36,15 +39,31 @@ def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S, retries: int = 3) -
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry)
 
 
-def require_reachable(settings: Settings) -> None:
-    """Raise :class:`BrokerUnreachableError` unless Redis answers PING within the connect timeout."""
-    conn = connect(settings.broker_url, retries=0)
+def require_reachable(settings: Settings, *, wait_s: float = 0.0) -> None:
+    """Raise :class:`BrokerUnreachableError` unless Redis answers PING within the connect timeout.
+
+    With ``wait_s``, a Redis that does not answer yet is asked again until ``wait_s`` seconds have passed: for a
+    process started together with the Redis it uses (the Procfile starts every line at once).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            _ping(settings.broker_url)
+            return
+        except BrokerUnreachableError:
+            if time.monotonic() + WAIT_STEP_S >= deadline:
+                raise
+        time.sleep(WAIT_STEP_S)
+
+
+def _ping(url: str) -> None:
+    conn = connect(url, retries=0)
     try:
         conn.ping()
     except redis.AuthenticationError:
         return  # it answers; authorisation is decided per command
     except (redis.RedisError, OSError) as exc:
-        raise BrokerUnreachableError(f"broker unreachable at {redact(settings.broker_url)}: {exc}") from None
+        raise BrokerUnreachableError(f"broker unreachable at {redact(url)}: {exc}") from None
     finally:
         conn.close()
 
@@ -64,3 +83,13 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return parts._replace(netloc=netloc).geturl()
+
+
+#: Seconds a starting process waits for the embedded Redis, which the Procfile starts beside it.
+EMBEDDED_START_WAIT_S = 3.0
+
+
+def startup_wait_s(settings: Settings) -> float:
+    """Seconds a starting worker waits for its broker: an external one must answer at once, the embedded one may
+    be starting beside it."""
+    return EMBEDDED_START_WAIT_S if settings.embedded else 0.0

@@ -12,11 +12,12 @@ from celery import Celery
 
 import celeryconfig
 from xnai_tasks.core.signal_handlers import install_signals
+from xnai_tasks.ops.flower import add_flower_defaults
 from xnai_tasks.security.control import SignedControl
 from xnai_tasks.security.results import SignedRedisBackend
 from xnai_tasks.settings import Settings, process_settings
 
-#: Modules that define each role's tasks (DESIGN.md 3: one module per role).
+#: Modules that define each role's tasks (README, Role tasks: one module per role).
 ROLE_MODULES = ("workers.copilot", "workers.cline", "workers.grok", "workers.curation")
 
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", cu
     """
     install_signals()
     application = XnaiCelery(main, include=list(ROLE_MODULES), set_as_current=current, control=SignedControl)
+    add_flower_defaults(application)  # `celery -A ... flower`: 127.0.0.1, basic auth, the flower ACL user
     if settings is not None:
         application.conf.update(_config(settings))
     else:

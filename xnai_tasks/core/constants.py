@@ -124,6 +124,16 @@ def refused_counter_key(role: str) -> str:
     return f"{XNAI_KEY_PREFIX}refused:{role}"
 
 
+def refusal_results_key(role: str, minute: int) -> str:
+    """Counter of the refused messages of a role that got a refusal result in one minute (the cap's window)."""
+    return f"{XNAI_KEY_PREFIX}refusal-results:{role}:{minute}"
+
+
+def refusal_results_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`refusal_results_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}refusal-results:{role}:*"
+
+
 def nonce_key(role: str, nonce: str) -> str:
     """Marks a message nonce as seen by ``role``, for the maximum message age (replay protection).
 

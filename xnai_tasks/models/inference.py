@@ -36,16 +36,17 @@ def generate(
     """Generate with the model's prompt format (chat template or completion template).
 
     ``raw=True`` continues ``prompt`` as it is, with no template (e.g. code after a comment header).
-    ``system`` is prepended to the prompt (Gemma has no system role). ``max_tokens`` is lowered to what
-    the context has room for; a prompt that does not fit at all raises :class:`ModelError`.
+    ``system`` (notes, facts) comes before the prompt, outside the completion template: a base model
+    reads it as a preamble to the question, not as part of it (Gemma has no system role). ``max_tokens`` is
+    lowered to what the context has room for; a prompt that does not fit at all raises :class:`ModelError`.
     """
     stop_words = list(llm.stop if stop is None else stop)
     top_p = float(llm.defaults.get("top_p", 0.95))
     repeat_penalty = float(llm.defaults.get("repeat_penalty", 1.1))
-    text = prompt if system is None else f"{system}\n\n{prompt}"
     completion = raw or llm.prompt_format == "completion"
-    if completion and not raw:
-        text = llm.completion_template.replace("{prompt}", text)
+    text = llm.completion_template.replace("{prompt}", prompt) if completion and not raw else prompt
+    if system is not None:
+        text = f"{system}\n\n{text}"
     used = len(llm.llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)) + 16
     room = llm.n_ctx - used
     if room < 1:

@@ -1,4 +1,4 @@
-"""The embedded Redis (DESIGN.md 5): a private redis-server on a unix socket under XNAI_HOME.
+"""The embedded Redis (README, The embedded Redis): a private redis-server on a unix socket under XNAI_HOME.
 
 AOF persistence with ``appendfsync everysec``, ``maxmemory-policy noeviction``, no TCP port, and ACLs
 on: ``redis/users.acl`` is rendered from ``acl/passwords.json`` at every start (xnai_tasks.security.acl), the

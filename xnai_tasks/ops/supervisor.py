@@ -17,14 +17,19 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
 from types import FrameType, TracebackType
+from typing import IO
 
 import psutil
 from celery import Celery
+from kombu.exceptions import OperationalError
+from redis import RedisError
 
+from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.core.nodes import workers_online
-from xnai_tasks.errors import ProcessError
+from xnai_tasks.errors import BrokerUnreachableError, ProcessError
 from xnai_tasks.ops.flower import ensure_credentials
 from xnai_tasks.ops.proc import die_with_parent
 from xnai_tasks.ops.redis_server import EmbeddedRedis
@@ -100,9 +105,16 @@ class Stack:
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
     restarts: dict[str, Restart] = field(default_factory=dict)
+    #: Where the children's own output goes (``NAME.out`` per process); None: this process's terminal.
+    output_dir: Path | None = None
 
     def start(self) -> Stack:
-        """Start everything; Redis first, so workers find it. Keys are made on first run."""
+        """Start everything; Redis first, so workers find it. Keys are made on first run.
+
+        An external Redis that does not answer is :class:`BrokerUnreachableError` before anything starts.
+        """
+        if not self.settings.embedded:
+            broker.require_reachable(self.settings)
         init_keys(self.settings.home)
         if self.settings.embedded:
             self.redis = EmbeddedRedis(self.settings).start()
@@ -116,9 +128,23 @@ class Stack:
 
     def _spawn(self, spec: ProcessSpec) -> None:
         env = {**os.environ, **self.settings.to_env()}
-        self.children[spec.name] = subprocess.Popen(  # our own interpreter and module
-            spec.argv(), env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
-        )
+        output: IO[bytes] | None = None
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            output = (self.output_dir / f"{spec.name}.out").open("ab")
+        try:
+            self.children[spec.name] = subprocess.Popen(  # our own interpreter and module
+                spec.argv(),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output is not None else None,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own copy
         restart = self.restarts.setdefault(spec.name, Restart(spec))
         restart.started = time.monotonic()
         log.info("started %s (pid %d)", spec.name, self.children[spec.name].pid)
@@ -130,7 +156,10 @@ class Stack:
         online: dict[str, list[str]] = {}
         while time.monotonic() < deadline:
             self.check_alive()
-            online = workers_online(app)
+            try:
+                online = workers_online(app)
+            except (OperationalError, RedisError, OSError) as exc:
+                raise BrokerUnreachableError(f"lost the broker while waiting for the workers: {exc}") from None
             if wanted <= set(online):
                 return online
             time.sleep(0.5)

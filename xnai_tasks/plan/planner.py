@@ -1,7 +1,7 @@
 """The resource plan: how many processes and threads each role runs, on which CPUs, with how much RAM.
 
 Pure logic: :func:`make_plan` turns a :class:`Host` and the number of reserved cores into a :class:`Plan`.
-Only :func:`detect_host` looks at the machine. DESIGN.md 8 describes the rules; in short:
+Only :func:`detect_host` looks at the machine. README, The plan describes the rules; in short:
 
 * the first ``reserved_cores`` cores are kept for the system (on 8 cores: cores 0-1);
 * the remaining CPUs are split among grok (long-form LLM, the most), cline (LLM) and curation (encoder),
@@ -48,7 +48,7 @@ PROCESS_OVERHEAD_BYTES = 150 * MiB
 #: RAM kept for the system: the larger of 1 GiB and one eighth of the RAM.
 MIN_SYSTEM_RAM_BYTES = 1 * GiB
 
-#: Which models each role holds (DESIGN.md 2).
+#: Which models each role holds (README, Models).
 ROLE_MODELS: Mapping[str, tuple[str, ...]] = {
     "copilot": ("encoder",),
     "cline": ("gguf",),

@@ -1,4 +1,4 @@
-"""Per-role Redis ACL users for Celery on Redis (DESIGN.md 6, threat 4).
+"""Per-role Redis ACL users for Celery on Redis (README, Security: Redis ACLs).
 
 One Redis user per role worker (``cline``, ``grok``, ``curation``), one for the ``copilot`` (producer,
 coordinator, beat and the copilot worker), one for ``flower`` (monitoring) and ``admin`` (the embedded
@@ -122,6 +122,12 @@ def fanout_channel(exchange: str, db: int = 0, routing_key: str = "") -> str:
     return f"{channel}/{routing_key}" if routing_key else channel
 
 
+def node_name_allowed(role: str, node: str) -> bool:
+    """Whether a worker of ``role`` may be the node ``node``: its control queue ``NODE.celery.pidbox`` must be
+    one the role's rules allow (:func:`role_keys`: ``ROLE@*``, or Celery's default name ``celery@HOST``)."""
+    return node.startswith((f"{role}@", DEFAULT_NODE_PREFIX))
+
+
 def control_keys() -> tuple[str, ...]:
     """Keys every Celery participant touches for remote control and events (not role data)."""
     return (
@@ -161,6 +167,7 @@ def role_keys(role: str) -> tuple[str, ...]:
         f"{DEFAULT_NODE_PREFIX}*.{PIDBOX_EXCHANGE}*",  # the same for Celery's default node name celery@HOST
         c.nonce_pattern(role),
         c.refused_counter_key(role),
+        c.refusal_results_pattern(role),
         c.dead_letter_key(role),
         c.lost_key_pattern(role),
         c.deaths_key(role),

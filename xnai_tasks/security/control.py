@@ -57,8 +57,9 @@ CONTROL_AGENTS = frozenset({"copilot"})
 #: Agents that may send commands that only read (ping, stats, active, registered, ...): Flower too.
 INSPECT_AGENTS = frozenset({"copilot", "flower"})
 #: Control commands any inspect agent may send: Flower turns on, every few seconds, the events that the
-#: workers send anyway (refusing it would fill every role's dead letters with noise).
-HARMLESS_CONTROL = frozenset({"enable_events"})
+#: workers send anyway, and its event receiver asks every worker for a heartbeat event when it starts
+#: (Celery's ``wakeup_workers``). Refusing them would fill every role's dead letters with noise.
+HARMLESS_CONTROL = frozenset({"enable_events", "heartbeat"})
 #: A command older than this is refused (commands are immediate; their replies wait a second or so).
 MAX_AGE_S = 60.0
 

@@ -3,15 +3,24 @@
 A refused message is never executed and never silent: it is rejected without requeue, logged at
 WARNING in one line (reason and message id, no body, no key material), counted per reason, and its
 raw form is kept in a bounded dead-letter list of the role (``xnai status`` shows both).
+
+Its sender and watchers hear of it too (:class:`RefusalNotice`), when its task id is a UUID as Celery makes
+them: the worker sends Celery's ``task-rejected`` event (Flower shows the task rejected), and a message of
+this worker's own role gets a FAILURE result signed by the worker, in its own namespace, whose error is one
+fixed line naming the reason, so a caller waiting on the id is refused instead of waiting forever. Nothing
+else of the message is stored: only its id and the worker's own reason. Storing is capped per role and
+minute and the results expire (see :class:`RefusalNotice`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
+import redis
 from celery.worker.consumer import Consumer
 from kombu.message import Message
 
@@ -28,6 +37,82 @@ from xnai_tasks.worker.dead_letters import dead_letter
 from xnai_tasks.worker.deliveries import DeliveryLedger
 
 log = logging.getLogger(__name__)
+
+#: The only task ids a refusal is announced for: a UUID as Celery and kombu make them (36 characters).
+TASK_ID_PATTERN: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+#: At most this many refused messages of a role get a result per minute; the rest are dead-lettered and counted only.
+REFUSAL_RESULTS_PER_MINUTE: Final = 100
+#: How long a refusal result is kept (less when Celery's results expire sooner): a caller waits for seconds.
+REFUSAL_RESULT_TTL_S: Final = 3600
+#: Refusals that store no result: a replay carries the id of a real message, whose own result is coming or
+#: stored; a message given up on after its workers died has its own signed failure (``worker/deliveries.py``).
+NO_RESULT_REASONS: Final = frozenset({Reason.REPLAY, Reason.WORKER_LOST})
+
+
+def announceable_id(value: Any) -> str | None:
+    """``value`` when it is a task id a refusal may be announced for (:data:`TASK_ID_PATTERN`), else None."""
+    if isinstance(value, str) and TASK_ID_PATTERN.fullmatch(value):
+        return value
+    return None
+
+
+def refusal_error(role: str, reason: Reason) -> MessageRejected:
+    """The error a refused message's result carries: the reason, and a line fixed by the worker."""
+    return MessageRejected(
+        reason, f"the {role} worker refused the message before it ran (xnai status --dead-letters {role})"
+    )
+
+
+class RefusalNotice:
+    """Tells the sender and the watchers of a refused message that it was refused.
+
+    Only the message's task id (a UUID, :func:`announceable_id`) and the worker's own reason are used:
+
+    * Celery's ``task-rejected`` event with ``uuid``, ``reason`` and ``requeue=False``, as Celery's own
+      request sends when it rejects a message (Flower shows the task REJECTED); events are not stored.
+    * A FAILURE result (:func:`refusal_error`) signed by this worker's role key, in its own namespace, when the
+      task belongs to this worker's role (where its caller looks) and that id has no result there yet (a
+      refusal never overwrites a result). Bounded: at most :data:`REFUSAL_RESULTS_PER_MINUTE` per role and
+      minute (a fixed-window counter, ``xnai:refusal-results:ROLE:MINUTE``), each expiring after
+      :data:`REFUSAL_RESULT_TTL_S`: a flood of refused messages holds at most 6,000 small results per role.
+    """
+
+    def __init__(self, conn: redis.Redis, backend: Any, events: Callable[[], Any]) -> None:
+        self._redis = conn
+        self.backend = backend
+        self._events = events
+
+    def announce(self, headers: dict[str, Any], reason: str) -> None:
+        """Send the event and store the refusal result of a refused message's headers, when allowed."""
+        task_id = announceable_id(headers.get("id"))
+        if task_id is None or reason not in set(Reason):
+            return
+        known = Reason(reason)
+        dispatcher = self._events()
+        if dispatcher is not None:
+            dispatcher.send("task-rejected", uuid=task_id, reason=known.value, requeue=False)
+        task = headers.get("task")
+        role = getattr(self.backend, "writer_role", None)
+        if known in NO_RESULT_REASONS or not isinstance(task, str) or c.role_of_task(task) != role:
+            return
+        if self._within_cap(str(role)):
+            self.backend.store_refusal(task_id, refusal_error(str(role), known), ttl_s=REFUSAL_RESULT_TTL_S)
+
+    def _within_cap(self, role: str) -> bool:
+        minute = int(time.time() // 60)
+        key = c.refusal_results_key(role, minute)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 2 * 60)
+        count = int(pipe.execute()[0])
+        if count == REFUSAL_RESULTS_PER_MINUTE + 1:
+            log.warning(
+                "%s: more than %d refused messages this minute: the others get no result (dead-lettered only)",
+                role,
+                REFUSAL_RESULTS_PER_MINUTE,
+                extra={"event": "refusal_results_capped", "role": role},
+            )
+        return count <= REFUSAL_RESULTS_PER_MINUTE
 
 
 def check_role(headers: dict[str, Any], queues: frozenset[str]) -> str:
@@ -53,15 +138,23 @@ class MessageGate:
     """
 
     def __init__(
-        self, settings: Settings, queues: frozenset[str], keyring: Keyring, redis_url: str, backend: Any = None
+        self,
+        settings: Settings,
+        queues: frozenset[str],
+        keyring: Keyring,
+        redis_url: str,
+        backend: Any = None,
+        events: Callable[[], Any] = lambda: None,
     ) -> None:
         self.settings = settings
         self.queues = queues
         self.keyring = keyring
         self.nonce_ttl_s = nonce_ttl_s(settings.max_message_age)
         self._redis = broker.connect(redis_url, timeout=5.0)
-        #: Where a message given up on (worker_lost) gets its signed FAILURE result.
+        #: Where a message given up on (worker_lost) gets its signed FAILURE result, and a refused one its refusal.
         self.backend = backend
+        #: Tells the sender and the watchers (``events`` gives the worker's event dispatcher, if any).
+        self.notice = RefusalNotice(self._redis, backend, events)
         self._ledgers: dict[str, DeliveryLedger] = {}
 
     def admit(self, message: Message) -> bool:
@@ -116,7 +209,7 @@ class MessageGate:
         return self._ledgers[role]
 
     def refuse(self, message: Message, refusal: MessageRejected) -> None:
-        """Reject without requeue, log one WARNING line, count it, keep the raw message."""
+        """Reject without requeue, log one WARNING line, count it, keep the raw message, then announce it."""
         headers = message.headers if isinstance(message.headers, dict) else {}
         task_id = str(headers.get("id", "?"))[:64]
         role = _role_of(headers, self.queues)
@@ -148,6 +241,10 @@ class MessageGate:
                 body=message.body,
             )
         message.reject(requeue=False)
+        try:
+            self.notice.announce(headers, refusal.reason)
+        except Exception as exc:  # the refusal stands; only its announcement is lost
+            log.warning("could not announce the refusal of %s: %s", task_id, exc)
 
 
 class GatedConsumer(Consumer):  # type: ignore[misc]
@@ -171,6 +268,7 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
             shared_keyring(settings.home),
             str(self.app.conf.broker_url),
             backend=self.app.backend,
+            events=lambda: self.event_dispatcher,
         )
 
         def on_task_received(message: Message) -> Any:

@@ -1,4 +1,4 @@
-"""The Ed25519 signature of a Celery task message (DESIGN.md 6).
+"""The Ed25519 signature of a Celery task message (README, Security).
 
 A message signature covers the routing-relevant headers (:data:`COVERED_HEADERS`), the queue, a
 SHA-256 digest of the body, a timestamp, a nonce, the key id and the agent name, so a signed body cannot

@@ -195,6 +195,30 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
             meta[VERIFIED] = VerifiedBy(str(meta[SIG_HEADER]["agent"]))
         return self.meta_from_decoded(meta)
 
+    def store_refusal(self, task_id: str, error: BaseException, *, ttl_s: int) -> bool:
+        """Fail ``task_id`` with ``error`` (its message was refused at the gate): signed by this worker's role key,
+        in its own namespace, kept ``ttl_s`` at most, and published to a caller waiting on it.
+
+        Only when this process signs as a role and the id has no result in its namespace yet: a refusal never
+        overwrites a result (``SET NX``). True when it was stored.
+        """
+        source = process_source()
+        if source is None or self.writer_role not in c.ROLES:
+            return False
+        meta = self._get_result_meta(
+            result=self.encode_result(error, states.FAILURE), state=states.FAILURE, traceback=None, request=None
+        )
+        meta["task_id"] = task_id
+        meta = json.loads(self.encode(meta))
+        meta[SIG_HEADER] = sign_result(source.get(), task_id=task_id, status=states.FAILURE, result=meta["result"])
+        value = json.dumps(meta)
+        key = self.get_key_for_task(task_id)
+        expires = min(int(ttl_s), int(self.expires)) if self.expires else int(ttl_s)
+        if not self.client.set(key, value, nx=True, ex=expires):
+            return False
+        self.client.publish(key, value)
+        return True
+
     def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
         source = process_source()
         name = key.decode() if isinstance(key, bytes) else str(key)

@@ -7,6 +7,7 @@ from xnai_tasks.observability.logs import setup_logging
 from xnai_tasks.settings import Settings
 
 
+#: How long a worker of the embedded Redis waits for it at start: the Procfile starts Redis and the workers at once.
 def default_concurrency(settings: Settings, role: str) -> int:
     """Pool processes when the command line does not say: the plan's (``xnai plan``)."""
     from xnai_tasks.plan.host import plan_for
@@ -33,9 +34,15 @@ def worker_argv(settings: Settings, role: str, *, concurrency: int, beat: bool) 
 
 
 def run_worker(settings: Settings, role: str, *, concurrency: int | None = None, beat: bool = False) -> None:
-    """Run the role's worker in this process until it is stopped."""
+    """Run the role's worker in this process until it is stopped.
+
+    A broker that does not answer at start is :class:`~xnai_tasks.errors.BrokerUnreachableError` (one line,
+    exit 6), not Celery's hundred retries; one lost later is retried by Celery, one line a try.
+    """
+    from xnai_tasks.core import broker
     from xnai_tasks.core.celery_app import app
 
+    broker.require_reachable(settings, wait_s=broker.startup_wait_s(settings))
     setup_logging(settings)
     app.worker_main(
         worker_argv(settings, role, concurrency=concurrency or default_concurrency(settings, role), beat=beat)

@@ -7,9 +7,11 @@ role's key, credentials and models can be chosen from it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from xnai_tasks.core import constants as c
+from xnai_tasks.errors import UsageError
 
 
 class _WorkerRole:
@@ -37,6 +39,24 @@ def role_from_options(hostname: str | None, queues: Any) -> str | None:
     return prefix if prefix in c.ROLES else None
 
 
+def check_node_name(role: str, node: str) -> None:
+    """Exit with one line (usage, exit 2) unless a worker of ``role`` may be the node ``node``.
+
+    The node's control queue is ``NODE.celery.pidbox`` and the role's Redis user may touch only ``ROLE@*`` ones
+    (and Celery's default ``celery@HOST``): any other name would fail later, deep in Celery, on that queue.
+    """
+    from xnai_tasks.security.acl import node_name_allowed
+
+    if node_name_allowed(role, node):
+        return
+    print(
+        f'xnai: a {role} worker\'s node name must start with "{role}@" (got "{node}"): use -n {role}@NAME, or no -n',
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(UsageError.exit_code)
+
+
 def current_role() -> str | None:
     """The role of this worker process (inherited by pool children), or None outside a role worker."""
     return _worker_role.role
@@ -59,6 +79,8 @@ def decide_role(sender: str | None = None, conf: Any = None, options: dict[str, 
     from xnai_tasks.settings import process_settings
 
     role = role_from_options(sender, (options or {}).get("queues"))
+    if role is not None and sender is not None:
+        check_node_name(role, str(sender))  # before anything connects
     set_role(role)
     if role is None:
         return

@@ -6,8 +6,9 @@ it can only land in its own queue.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from celery import Task
@@ -15,7 +16,7 @@ from celery import Task
 import celeryconfig
 from xnai_tasks.core import constants as c
 from xnai_tasks.core.celery_app import app
-from xnai_tasks.errors import TransientError
+from xnai_tasks.errors import TransientError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,6 +69,43 @@ def role_tasks(extra_modules: tuple[str, ...] = ()) -> dict[str, list[str]]:
         if role in catalogue and short:
             catalogue[role].append(short)
     return {role: sorted(names) for role, names in catalogue.items()}
+
+
+def check_call(role: str, task: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise :class:`UsageError` unless ``kwargs`` fit the Python signature of the registered task ``ROLE.TASK``.
+
+    A missing or unknown argument is refused before anything is sent, naming the task's parameters, e.g.
+    ``grok.synthesize takes prompt, context=..., ...: missing prompt``. The task must be in the catalogue
+    (:func:`role_tasks` imported its module).
+    """
+    name = c.task_name(role, task)
+    params = list(inspect.signature(app.tasks[name].run).parameters.values())  # bound: no ``self``
+    by_name = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [param for param in required if param not in kwargs or param not in by_name]
+    any_name = any(p.kind is p.VAR_KEYWORD for p in params)
+    # a name that is no identifier is quoted, so that no key of the JSON can break the line
+    unknown = [] if any_name else [k if k.isidentifier() else repr(k) for k in kwargs if k not in by_name]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if unknown:
+        problems.append(f"unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    if problems:
+        raise UsageError(f"{name} takes {_describe_parameters(params)}: {'; '.join(problems)}")
+
+
+def _describe_parameters(params: list[inspect.Parameter]) -> str:
+    """``prompt, max_tokens=...``: the parameters a caller may pass, required ones bare."""
+    words = []
+    for param in params:
+        if param.kind is param.VAR_POSITIONAL:
+            continue
+        if param.kind is param.VAR_KEYWORD:
+            words.append(f"**{param.name}")
+        else:
+            words.append(param.name if param.default is param.empty else f"{param.name}=...")
+    return ", ".join(words) or "no arguments"
 
 
 def register_diagnostics(role: str) -> None:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from xnai_tasks.errors import XnaiError
+from xnai_tasks.errors import BrokerUnreachableError, XnaiError
 from xnai_tasks.models.holder import ModelHolder
 from xnai_tasks.models.inference import Generation
 from xnai_tasks.models.loading import LLM, set_encoder_threads, set_llm_threads
@@ -149,6 +149,14 @@ def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegis
     return applied, found
 
 
+def require_broker() -> None:
+    """Raise :class:`BrokerUnreachableError` unless this worker's Redis answers (the embedded one may be starting)."""
+    from xnai_tasks.core import broker
+
+    current = process_settings()
+    broker.require_reachable(current, wait_s=broker.startup_wait_s(current))
+
+
 def probe_models(role: str, current: Settings, plan: RolePlan, found: ModelRegistry) -> None:
     """Probe each LLM the role serves in a separate process; serve with what works, or mark it unavailable."""
     from xnai_tasks.models.probe import probe_llm
@@ -230,15 +238,15 @@ def _given_concurrency(value: Any) -> int | None:
     return None
 
 
-def _fatal(role: str, exc: BaseException) -> None:
-    """One clear line on stderr and in the log, then the worker exits before it forks."""
+def _fatal(role: str, exc: BaseException, exit_code: int = 1) -> None:
+    """One clear line on stderr and in the log, then the worker exits (``exit_code``) before it forks."""
     line = f"xnai worker {role}: cannot start: {exc}"
     log.error(line, extra={"event": "worker_start_failed", "role": role})
     handlers = logging.getLogger().handlers
     # With no handler at all, logging's last resort already wrote the line to stderr.
     if handlers and not any(getattr(h, "stream", None) is sys.stderr for h in handlers):
         print(line, file=sys.stderr, flush=True)
-    raise SystemExit(1)
+    raise SystemExit(exit_code)
 
 
 # ---------------------------------------------------------------- signal handlers (connected by core.signal_handlers)
@@ -255,6 +263,11 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     given = _given_concurrency(_state.explicit_concurrency)
     if given is None and sender is not None:
         given = _given_concurrency(sender.app.conf.worker_concurrency)
+    try:
+        require_broker()  # before the models load: a dead broker is one line and exit 6, not 100 retries
+    except BrokerUnreachableError as exc:
+        _fatal(role, exc, exc.exit_code)
+        return
     try:
         applied = start_role(role, given)[0]
     except XnaiError as exc:
