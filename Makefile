@@ -45,8 +45,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Quick runs of every benchmark, each ratio against xnai_tasks/bench/baseline.json (fails if one is >15% worse).
+# Timings never go into `make test`.
 bench: install
-	$(VENV)/bin/xnai bench roundtrip --json
+	$(VENV)/bin/xnai bench gate
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

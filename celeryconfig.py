@@ -27,7 +27,7 @@ SERIALIZATION: dict[str, Any] = {
     "result_accept_content": ["json"],
 }
 
-#: README, Reliability: a task is acked after it ran, a lost worker's task goes back to the queue,
+#: The README's Reliability section: a task is acked after it ran, a lost worker's task goes back to the queue,
 #: model workers take one message at a time, results expire.
 RELIABILITY: dict[str, Any] = {
     "task_acks_late": True,

@@ -1,4 +1,4 @@
-"""The ``xnai`` CLI against a real stack: output and the exit codes fixed in README, CLI."""
+"""The ``xnai`` CLI against a real stack: output and the exit codes fixed in the README's CLI section."""
 
 from __future__ import annotations
 

@@ -104,13 +104,14 @@ def test_a_runner_that_crashes_leads_to_the_safe_options(
 def test_a_runner_that_hangs_is_killed_and_not_remembered(
     models_home: Settings, gguf: ModelFile, probe_log: Path, tmp_path: Path
 ) -> None:
-    # Given a runner that hangs unless weight repacking is off, and a 5 s probe timeout
-    settings = with_runner(models_home, "hang_unless_safe", tmp_path, llm_probe_timeout=5)
+    # Given a runner that hangs unless weight repacking is off, and a 15 s probe timeout (the safe run must
+    # finish within it even on a busy 2-core machine: loading and 8 tokens took up to ~8 s there)
+    settings = with_runner(models_home, "hang_unless_safe", tmp_path, llm_probe_timeout=15)
     # When the model is probed
     verdict = probe_llm(settings, gguf, 2)
     # Then the hang was cut off and the safe options serve
     assert [a.outcome for a in verdict.attempts] == ["timeout", "ok"]
-    assert verdict.options == SAFE_OPTIONS and "no answer within 5 s" in verdict.reason
+    assert verdict.options == SAFE_OPTIONS and "no answer within 15 s" in verdict.reason
     # And a verdict a timeout decided is not remembered (the host may only have been busy)
     assert VerdictStore(settings).get(verdict.key) is None
 

@@ -1,4 +1,4 @@
-"""The embedded Redis of README, The embedded Redis, and the switch to an external one."""
+"""The embedded Redis (README: The embedded Redis), and the switch to an external one."""
 
 from __future__ import annotations
 

@@ -144,7 +144,9 @@ def test_a_bad_model_is_one_clear_line_and_exit_1(home: Path, case: str) -> None
         model.write_bytes(b"GGUF" + b"\0" * 1000)
         (home / "other.gguf.sha256").write_text("0" * 64 + "  other.gguf\n")
         expected = "has sha256"
-    done = run_xnai(["worker", "cline"], Settings(home=home, llm_model=model), timeout=120)
+    settings = Settings(home=home, llm_model=model)
+    with EmbeddedRedis(settings):  # the worker finds its broker (an unreachable one is exit 6 before anything)
+        done = run_xnai(["worker", "cline"], settings, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "cannot start" in line]
     assert len(lines) == 1 and expected in lines[0] and "xnai worker cline" in lines[0], done.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""README, Security over real workers: every refusal refuses, says why, executes nothing and loses nothing."""
+"""README, Security, over real workers: every refusal refuses, says why, executes nothing and loses nothing."""
 
 from __future__ import annotations
 

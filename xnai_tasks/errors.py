@@ -1,6 +1,6 @@
 """One error tree. Every error the project raises on purpose is an :class:`XnaiError`.
 
-Each class carries the CLI exit code fixed in README, CLI, so the CLI maps an error to its code
+Each class carries the CLI exit code fixed in the README's CLI section, so the CLI maps an error to its code
 without a lookup table: 2 usage, 3 refused, 4 task failed, 5 timed out, 6 broker unreachable.
 """
 
@@ -57,6 +57,10 @@ class BrokerUnreachableError(XnaiError):
     """Redis did not answer."""
 
     exit_code = 6
+
+
+class BenchRegressionError(XnaiError):
+    """A benchmark ratio is worse than its committed baseline by more than the gate allows (``make bench``)."""
 
 
 class RedisServerError(XnaiError):

@@ -40,6 +40,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_ENCODER_MODEL", "(manifest default)", "path of another encoder folder (transformers)"),
     Variable("XNAI_RESERVED_CORES", "2", "cores kept for the system; workers get the rest"),
     Variable("XNAI_FLOWER_PORT", "5555", "port Flower binds on 127.0.0.1"),
+    Variable("XNAI_METRICS_PORT", "9808", "port the Prometheus metrics endpoint (xnai metrics) binds on 127.0.0.1"),
     Variable(
         "XNAI_VISIBILITY_TIMEOUT", "3600", "seconds before an unacked task is redelivered; above the longest task"
     ),
@@ -61,6 +62,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
     Variable("XNAI_REDIS_MAXMEMORY_MB", "(plan)", "the embedded Redis' memory cap, MiB (plan: 5% of RAM, 256-2048)"),
     Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.models.probe_runner", "module the LLM probe runs (for diagnostics)"),
+    Variable("XNAI_TELEMETRY_DAYS", "7", "days the task telemetry under XNAI_HOME/telemetry is kept; 0 turns it off"),
 )
 
 #: XNAI_LLM_SAFE's values.
@@ -81,6 +83,7 @@ class Settings:
     encoder_model: Path | None = None
     reserved_cores: int = 2
     flower_port: int = 5555
+    metrics_port: int = 9808
     visibility_timeout: int = 3600
     task_time_limit: int = 1800
     max_message_age: int = 7200
@@ -98,6 +101,8 @@ class Settings:
     task_modules: tuple[str, ...] = ()
     llm_probe_runner: str = "xnai_tasks.models.probe_runner"
     redis_maxmemory_mb: int | None = None
+    #: Days telemetry files are kept (observability/telemetry.py); 0: no telemetry is written.
+    telemetry_days: int = 7
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +116,7 @@ class Settings:
             encoder_model=_optional(env, "XNAI_ENCODER_MODEL", _parse_path("XNAI_ENCODER_MODEL")),
             reserved_cores=_int(env, "XNAI_RESERVED_CORES", DEFAULT_RESERVED_CORES, 0, 1024),
             flower_port=_int(env, "XNAI_FLOWER_PORT", 5555, 1, 65535),
+            metrics_port=_int(env, "XNAI_METRICS_PORT", 9808, 1, 65535),
             visibility_timeout=_int(env, "XNAI_VISIBILITY_TIMEOUT", 3600, 10, 7 * 24 * 3600),
             task_time_limit=_int(env, "XNAI_TASK_TIME_LIMIT", 1800, 1, 7 * 24 * 3600),
             max_message_age=_int(env, "XNAI_MAX_MESSAGE_AGE", 7200, 10, 30 * 24 * 3600),
@@ -128,6 +134,7 @@ class Settings:
             redis_maxmemory_mb=_optional(
                 env, "XNAI_REDIS_MAXMEMORY_MB", _bounded("XNAI_REDIS_MAXMEMORY_MB", 32, 1 << 20)
             ),
+            telemetry_days=_int(env, "XNAI_TELEMETRY_DAYS", 7, 0, 3650),
         )
         if settings.visibility_timeout <= settings.task_time_limit:
             raise SettingsError(
@@ -148,6 +155,7 @@ class Settings:
             "XNAI_HOME": str(self.home),
             "XNAI_RESERVED_CORES": str(self.reserved_cores),
             "XNAI_FLOWER_PORT": str(self.flower_port),
+            "XNAI_METRICS_PORT": str(self.metrics_port),
             "XNAI_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "XNAI_TASK_TIME_LIMIT": str(self.task_time_limit),
             "XNAI_MAX_MESSAGE_AGE": str(self.max_message_age),
@@ -158,6 +166,7 @@ class Settings:
             "XNAI_LLM_PROBE_TIMEOUT": str(self.llm_probe_timeout),
             "XNAI_MAX_DELIVERIES": str(self.max_deliveries),
             "XNAI_LLM_PROBE_RUNNER": self.llm_probe_runner,
+            "XNAI_TELEMETRY_DAYS": str(self.telemetry_days),
         }
         if self.task_modules:
             env["XNAI_TASK_MODULES"] = ",".join(self.task_modules)
@@ -189,6 +198,15 @@ class Settings:
     @property
     def log_dir(self) -> Path:
         return self.home / c.LOG_DIR
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus-client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``) of this home's processes."""
+        return self.home / c.METRICS_DIR
+
+    @property
+    def telemetry_dir(self) -> Path:
+        return self.home / c.TELEMETRY_DIR
 
     @property
     def broker_url(self) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xnai_tasks.bench import model_benches
+from xnai_tasks.bench.load import run_load
 from xnai_tasks.bench.options import BenchOptions
 from xnai_tasks.bench.roundtrip import run_roundtrip
 from xnai_tasks.settings import Settings
@@ -19,4 +20,5 @@ BENCHMARKS: dict[str, Benchmark] = {
     "embed": model_benches.run_embed,
     "threads": model_benches.run_threads,
     "coldstart": model_benches.run_coldstart,
+    "load": run_load,
 }

@@ -24,6 +24,7 @@ from xnai_tasks.core.nodes import nodes_online
 from xnai_tasks.errors import ProcessError
 from xnai_tasks.ops.proc import die_with_parent
 from xnai_tasks.ops.redis_server import EmbeddedRedis
+from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.security.key_admin import init_keys
 from xnai_tasks.settings import Settings
 
@@ -85,16 +86,22 @@ def model_stack_home(settings: Settings) -> Iterator[Settings]:
     No worker is started: benchmarks start their own with :func:`role_worker`. The default models are
     assembled and checksummed here, so no measurement pays for that.
     """
+    with model_stack(settings) as (bench_settings, _):
+        yield bench_settings
+
+
+@contextmanager
+def model_stack(settings: Settings) -> Iterator[tuple[Settings, Stack]]:
+    """:func:`model_stack_home`, with the running :class:`Stack` (its Redis and guard processes)."""
     from xnai_tasks.models.model_file import resolve_model
-    from xnai_tasks.ops.supervisor import Stack
 
     home = Path(tempfile.mkdtemp(prefix="xnai-bench-", dir="/tmp"))
     bench_settings = replace(settings, home=home)
     try:
-        with Stack(bench_settings, roles=(), flower=False):
+        with Stack(bench_settings, roles=(), flower=False) as stack:
             resolve_model("gguf", bench_settings)
             resolve_model("encoder", bench_settings)
-            yield bench_settings
+            yield bench_settings, stack
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -17,6 +17,17 @@ class BenchOptions:
     texts: int | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """``xnai bench load``'s own options: simulated agents, seconds of load, profiles, seed, plot folder."""
+
+    users: int = 20
+    duration: float = 60.0
+    profile: str = "both"
+    seed: int = 0
+    plot_dir: str | None = None
+
+
 def or_default(value: int | None, default: int) -> int:
     """``value`` if given, else ``default``."""
     return default if value is None else value

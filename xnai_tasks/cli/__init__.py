@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import click
 
-from xnai_tasks.cli import acl, bench, keys, plan, stack, status, tasks
+from xnai_tasks.cli import acl, bench, keys, metrics, plan, report, stack, status, tasks
 from xnai_tasks.cli.parsing import PROG, Group, parse_command_line
 from xnai_tasks.cli.words import CommandLineError
 from xnai_tasks.errors import UsageError, XnaiError
@@ -24,9 +24,11 @@ cli = Group(
         stack.redis_command,
         stack.guard_command,
         stack.flower_command,
+        metrics.metrics_command,
         tasks.submit_command,
         status.status_command,
         bench.bench_command,
+        report.report_command,
         keys.keys_command,
         plan.plan_command,
         acl.acl_command,

@@ -41,7 +41,7 @@ def up_command(settings: Settings, roles: str, no_flower: bool) -> int:
     raise_on_stop_signals()
     setup_logging(settings)
     try:
-        with Stack(settings, roles=names, flower=not no_flower) as stack:
+        with Stack(settings, roles=names, flower=not no_flower, metrics=True) as stack:
             from xnai_tasks.core.celery_app import app
 
             online = stack.wait_workers(app)
@@ -49,6 +49,7 @@ def up_command(settings: Settings, roles: str, no_flower: bool) -> int:
                 print(f"{role:9} online: {', '.join(online[role])}", flush=True)
             if not no_flower:
                 print(f"flower    http://127.0.0.1:{settings.flower_port}/", flush=True)
+            print(f"metrics   http://{c.METRICS_HOST}:{settings.metrics_port}/metrics", flush=True)
             print("xnai up: ready (Ctrl-C stops everything)", flush=True)
             stack.run_forever(lambda line: print(line, flush=True))
     except StopRequested as stop:

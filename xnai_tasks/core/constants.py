@@ -109,6 +109,17 @@ LOG_FILE: Final = "xnai.jsonl"
 FLOWER_CREDENTIALS: Final = "flower.json"
 FLOWER_DB: Final = "flower.db"
 BEAT_SCHEDULE_FILE: Final = "beat-schedule"
+#: Local telemetry: one JSON line per finished task, one file per process and hour (observability/telemetry.py).
+TELEMETRY_DIR: Final = "telemetry"
+TELEMETRY_SUFFIX: Final = ".jsonl"
+#: The hour in a telemetry file's name (UTC), then ``-PID``: ``2026112618-4242.jsonl``.
+TELEMETRY_HOUR_FORMAT: Final = "%Y%m%d%H"
+
+
+def telemetry_file_name(hour: str, pid: int) -> str:
+    """The telemetry file of one process for one hour (``hour`` in TELEMETRY_HOUR_FORMAT)."""
+    return f"{hour}-{pid}{TELEMETRY_SUFFIX}"
+
 
 #: Bounded list of refused raw messages per role (newest first), and per-reason refusal counters.
 DEAD_LETTER_MAX: Final = 1000
@@ -215,3 +226,34 @@ def control_nonce_pattern(role: str) -> str:
 def guard_locks_key() -> str:
     """Hash of the roles the memory guard locked out of Redis (role -> JSON: reason, time); admin only."""
     return f"{XNAI_KEY_PREFIX}guard:locks"
+
+
+# ---- Prometheus metrics (observability/metrics.py counts, observability/metrics_exporter.py serves) ----
+
+#: prometheus-client's multiprocess files of the processes of ``xnai up`` (``PROMETHEUS_MULTIPROC_DIR``), in XNAI_HOME.
+METRICS_DIR: Final = "metrics"
+#: The address the metrics endpoint binds: loopback only.
+METRICS_HOST: Final = "127.0.0.1"
+#: Every metric family we export (as scraped; counters end in ``_total``).
+METRIC_TASKS: Final = "xnai_tasks_total"
+METRIC_TASK_DURATION: Final = "xnai_task_duration_seconds"
+METRIC_QUEUE_WAIT: Final = "xnai_task_queue_wait_seconds"
+METRIC_QUEUE_DEPTH: Final = "xnai_queue_depth"
+METRIC_REFUSED: Final = "xnai_refused_total"
+METRIC_WORKER_DEATHS: Final = "xnai_worker_deaths_recent"
+METRIC_WORKERS_ONLINE: Final = "xnai_workers_online"
+METRIC_MODEL_LOADED: Final = "xnai_model_loaded"
+METRIC_LLM_TOKENS: Final = "xnai_llm_tokens_total"
+METRIC_PSS: Final = "xnai_process_pss_bytes"
+METRIC_NAMES: Final = (
+    METRIC_TASKS,
+    METRIC_TASK_DURATION,
+    METRIC_QUEUE_WAIT,
+    METRIC_QUEUE_DEPTH,
+    METRIC_REFUSED,
+    METRIC_WORKER_DEATHS,
+    METRIC_WORKERS_ONLINE,
+    METRIC_MODEL_LOADED,
+    METRIC_LLM_TOKENS,
+    METRIC_PSS,
+)

@@ -14,6 +14,7 @@ from celery import signals
 
 def install_signals() -> None:
     """Connect the handlers: logging, the worker's start-up, the publish hook and the replay ledger."""
+    from xnai_tasks.observability import metrics, telemetry
     from xnai_tasks.observability.logs import on_setup_logging
     from xnai_tasks.security.ledger import finish_task
     from xnai_tasks.security.publish import sign_outgoing
@@ -36,6 +37,15 @@ def install_signals() -> None:
         (signals.before_task_publish, sign_outgoing),
         # The pool child, after a task: its nonce is done.
         (signals.task_postrun, finish_task),
+        # The pool child, around a task: one telemetry line per finished task (XNAI_HOME/telemetry).
+        (signals.task_prerun, telemetry.on_task_prerun),
+        (signals.task_postrun, telemetry.on_task_postrun),
+        # Prometheus (observability/metrics.py): the multiprocess folder before the fork, then per task in the
+        # child its wait, duration and outcome; a pool process that exits has its pid marked dead.
+        (signals.celeryd_init, metrics.use_multiproc_dir),
+        (signals.task_prerun, metrics.on_task_start),
+        (signals.task_postrun, metrics.on_task_end),
+        (signals.worker_process_shutdown, metrics.on_child_exit),
     ]
     for signal, handler in connections:
         signal.connect(handler, weak=False, dispatch_uid=f"xnai.{handler.__module__}.{handler.__name__}")

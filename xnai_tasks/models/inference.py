@@ -10,6 +10,7 @@ from typing import Any, TypedDict, cast
 
 from xnai_tasks.errors import ModelError, UsageError
 from xnai_tasks.models.loading import LLM, Encoder
+from xnai_tasks.observability.metrics import count_tokens
 
 
 class Generation(TypedDict):
@@ -71,6 +72,7 @@ def generate(
     except ValueError as exc:
         raise ModelError(f"generation failed: {exc}") from None
     usage = out["usage"]
+    count_tokens(llm.path.stem, int(usage["prompt_tokens"]) + int(usage["completion_tokens"]))
     return Generation(
         text=str(choice_text).strip(),
         prompt_tokens=int(usage["prompt_tokens"]),

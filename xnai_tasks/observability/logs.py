@@ -17,7 +17,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line: time, level, logger, pid, message and any ``extra`` fields."""
+    """One JSON line: time, level, logger, pid, message, the running task's id and name, any ``extra`` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -28,12 +28,25 @@ class JsonFormatter(logging.Formatter):
             "process": record.processName,
             "msg": record.getMessage(),
         }
+        entry.update(_current_task())
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def _current_task() -> dict[str, str]:
+    """The id and name of the task this thread is running, if any (a line logged during a task carries them)."""
+    from celery._state import get_current_task
+
+    task = get_current_task()
+    request = getattr(task, "request", None)
+    task_id = getattr(request, "id", None)
+    if task is None or not task_id:
+        return {}
+    return {"task_id": str(task_id), "task_name": str(task.name)}
 
 
 def setup_logging(settings: Settings, level: str | None = None, *, stderr: bool = True) -> None:

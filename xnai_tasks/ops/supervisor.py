@@ -30,6 +30,8 @@ from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.core.nodes import workers_online
 from xnai_tasks.errors import BrokerUnreachableError, ProcessError
+from xnai_tasks.observability.metrics import child_env as metrics_child_env
+from xnai_tasks.observability.metrics import prepare_dir as prepare_metrics_dir
 from xnai_tasks.ops.flower import ensure_credentials
 from xnai_tasks.ops.proc import die_with_parent
 from xnai_tasks.ops.redis_server import EmbeddedRedis
@@ -71,7 +73,12 @@ class ProcessSpec:
 
 
 def process_specs(
-    roles: tuple[str, ...] = c.ROLES, *, flower: bool = True, redis: bool = True, guard: bool = True
+    roles: tuple[str, ...] = c.ROLES,
+    *,
+    flower: bool = True,
+    redis: bool = True,
+    guard: bool = True,
+    metrics: bool = True,
 ) -> list[ProcessSpec]:
     """The processes of the system, in start order. The Procfile is this list with every option on.
 
@@ -86,6 +93,8 @@ def process_specs(
             specs.append(ProcessSpec(role, ("worker", role, *extra)))
     if flower:
         specs.append(ProcessSpec("flower", ("flower",)))
+    if metrics:  # the Prometheus endpoint (observability/metrics_exporter.py)
+        specs.append(ProcessSpec("metrics", ("metrics",)))
     return specs
 
 
@@ -102,6 +111,9 @@ class Stack:
     _: KW_ONLY
     roles: tuple[str, ...] = c.ROLES
     flower: bool = True
+    #: ``xnai metrics`` on XNAI_METRICS_PORT (``xnai up`` turns it on; off by default so that stacks run side by
+    #: side, as the tests do, do not contend for one port).
+    metrics: bool = False
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
     restarts: dict[str, Restart] = field(default_factory=dict)
@@ -116,18 +128,21 @@ class Stack:
         if not self.settings.embedded:
             broker.require_reachable(self.settings)
         init_keys(self.settings.home)
+        prepare_metrics_dir(self.settings, clean=True)  # counts of an earlier run are not this run's
         if self.settings.embedded:
             self.redis = EmbeddedRedis(self.settings).start()
         if self.flower:
             creds, new = ensure_credentials(self.settings)
             if new:
                 print(f"Flower credentials (shown once, kept in {self.settings.home}): {creds.basic_auth}")
-        for spec in process_specs(self.roles, flower=self.flower, redis=False, guard=self.settings.embedded):
+        for spec in process_specs(
+            self.roles, flower=self.flower, redis=False, guard=self.settings.embedded, metrics=self.metrics
+        ):
             self._spawn(spec)
         return self
 
     def _spawn(self, spec: ProcessSpec) -> None:
-        env = {**os.environ, **self.settings.to_env()}
+        env = {**os.environ, **self.settings.to_env(), **metrics_child_env(self.settings)}
         output: IO[bytes] | None = None
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

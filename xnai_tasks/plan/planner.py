@@ -1,7 +1,7 @@
 """The resource plan: how many processes and threads each role runs, on which CPUs, with how much RAM.
 
 Pure logic: :func:`make_plan` turns a :class:`Host` and the number of reserved cores into a :class:`Plan`.
-Only :func:`detect_host` looks at the machine. README, The plan describes the rules; in short:
+Only :func:`detect_host` looks at the machine. The README's "The plan" section describes the rules; in short:
 
 * the first ``reserved_cores`` cores are kept for the system (on 8 cores: cores 0-1);
 * the remaining CPUs are split among grok (long-form LLM, the most), cline (LLM) and curation (encoder),

@@ -33,6 +33,7 @@ from celery.worker.state import task_ready
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import WorkerLostError
+from xnai_tasks.observability.metrics import count_worker_lost
 from xnai_tasks.security.ledger import finish_nonce
 from xnai_tasks.security.refusal import Reason
 from xnai_tasks.security.signature import SIG_HEADER
@@ -156,6 +157,7 @@ class LostWorkerRequest(Request):  # type: ignore[misc]
         if self._success_was_stored():
             return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         cause = death_cause(exc)
+        count_worker_lost(str(self.task_name), self.worker_pid)
         retries = int(self._request_dict.get("retries") or 0)
         try:
             ledger = self._ledger()
