@@ -58,9 +58,9 @@ def test_profiles_switch_every_fast_path_and_the_table_has_the_issues_rows() -> 
 def test_a_short_load_run_loses_nothing_and_reports_every_field(home: Path) -> None:
     # Given a private stack per profile with the four role workers and the real models
     plots = home / "plots"
-    # When 3 agents run for 10 s against each profile
+    # When 2 agents run for 4 s against each profile
     done = run_xnai(
-        ["bench", "load", "--users", "3", "--duration", "10", "--profile", "both", "--seed", "1", "--json",
+        ["bench", "load", "--users", "2", "--duration", "4", "--profile", "both", "--seed", "1", "--json",
          "--plot", str(plots)],
         Settings(home=home),
         timeout=840,

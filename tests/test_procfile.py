@@ -55,7 +55,7 @@ def test_honcho_starts_the_procfile_on_a_fresh_home(home: Path) -> None:
     from xnai_tasks.security.key_admin import list_keys
     from xnai_tasks.security.key_store import keyring_path
 
-    settings = Settings(home=home, flower_port=free_port(), model_mode="lazy", llm_safe="off")
+    settings = Settings(home=home, flower_port=free_port(), metrics_port=free_port(), model_mode="lazy", llm_safe="off")
     env = {k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}
     env.update(settings.to_env(), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     honcho = shutil.which("honcho", path=env["PATH"])

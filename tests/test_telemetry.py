@@ -4,10 +4,10 @@ pruning by age, and a real worker's tasks seen by ``xnai report --json``."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,7 +20,7 @@ from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
 from xnai_tasks.errors import TaskFailedError, UsageError
 from xnai_tasks.observability.report import OVERALL, build_report, parse_duration, percentile, stats_of
-from xnai_tasks.observability.telemetry import Record, TelemetryWriter, hour_of, prune, read_records
+from xnai_tasks.observability.telemetry import Record, hour_of, prune, read_records
 from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
 
@@ -85,22 +85,24 @@ def test_durations() -> None:
 # ---- the files
 
 
-def _write_many(home: str, count: int) -> None:
-    writer = TelemetryWriter()
-    settings = Settings(home=Path(home))
-    for i in range(count):
-        writer.write(settings, record(task_id=f"{os.getpid()}-{i}", ts=time.time()))
+WRITER = """
+import os, sys, time
+from pathlib import Path
+from xnai_tasks.observability.telemetry import Record, TelemetryWriter
+from xnai_tasks.settings import Settings
+writer, settings = TelemetryWriter(), Settings(home=Path(sys.argv[1]))
+for i in range(int(sys.argv[2])):
+    writer.write(settings, Record(task_id=f"{os.getpid()}-{i}", role="grok", task="grok.synthesize",
+                                  outcome="success", queue_wait_s=1.0, run_s=2.0, tokens=3, cache=None,
+                                  model="m", pid=os.getpid(), ts=time.time()))
+"""
 
 
 def test_many_processes_append_whole_lines_to_their_own_files(home: Path) -> None:
-    # Given 4 processes writing 500 records each at once
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_write_many, args=(str(home), 500)) for _ in range(4)]
+    # Given 4 processes (fresh interpreters) writing 500 records each at once
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(home), "500"]) for _ in range(4)]
     for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(60)
-        assert proc.exitcode == 0
+        assert proc.wait(60) == 0
     # When the telemetry folder is read
     files = sorted((home / "telemetry").iterdir())
     # Then each process wrote its own file named HOUR-PID.jsonl, every line is a whole record, none is lost

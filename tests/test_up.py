@@ -50,7 +50,7 @@ def _wait_for_line(proc: subprocess.Popen[str], text: str, timeout: float) -> li
 )
 def test_up_stops_everything_on_signal(home: Path, sig: signal.Signals, args: list[str]) -> None:
     # Given `xnai up` running until ready
-    settings = Settings(home=home, flower_port=free_port())
+    settings = Settings(home=home, flower_port=free_port(), metrics_port=free_port())
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "xnai_tasks", "up", *args],
@@ -81,7 +81,7 @@ def test_up_stops_everything_on_signal(home: Path, sig: signal.Signals, args: li
 
 def test_children_do_not_outlive_a_killed_up(home: Path) -> None:
     # Given `xnai up` running until ready
-    settings = Settings(home=home, flower_port=free_port())
+    settings = Settings(home=home, flower_port=free_port(), metrics_port=free_port())
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "xnai_tasks", "up", "--no-flower", "--roles", "cline"],
@@ -105,7 +105,7 @@ def test_up_restarts_a_worker_that_dies_and_keeps_the_rest_running(home: Path) -
     from xnai_tasks.core.celery_app import create_app
     from xnai_tasks.core.nodes import workers_online
 
-    settings = Settings(home=home, flower_port=free_port(), model_mode="lazy")
+    settings = Settings(home=home, flower_port=free_port(), metrics_port=free_port(), model_mode="lazy")
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("XNAI_")}, **settings.to_env()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "xnai_tasks", "up", "--no-flower", "--roles", "curation"],
