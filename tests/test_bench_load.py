@@ -37,7 +37,7 @@ def test_workload_is_reproducible_from_the_seed_and_skewed() -> None:
     assert top >= 20 and once >= 400 and len(prompts) < 1000
 
 
-def test_profiles_switch_every_fast_path_and_the_table_has_the_issues_rows() -> None:
+def test_profiles_switch_every_fast_path_and_the_table_has_the_designed_rows() -> None:
     # Given the two profiles, Then baseline has every fast path off and tuned every one on
     assert set(PROFILES) == {"baseline", "tuned"}
     assert dict(PROFILES["baseline"].switches) == dict.fromkeys(FAST_PATHS, False)
@@ -80,6 +80,6 @@ def test_a_short_load_run_loses_nothing_and_reports_every_field(home: Path) -> N
             "latency_cdf.png", "throughput.png", "queue_depth.png", "memory.png", "cpu.png",
         }  # fmt: skip
         assert all((plots / name / Path(p).name).stat().st_size > 0 for p in profile["plots"])
-    # And the ratios and the issue's table are there
+    # And the ratios and the designed-against table are there
     assert set(report["ratios"]) == {"tuned_vs_baseline_rps", "tuned_vs_baseline_p99"}
     assert report["table"].splitlines()[0].split("|")[0].strip() == "metric"

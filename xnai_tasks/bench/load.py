@@ -11,7 +11,7 @@ and its CPU use (% of the host).
 
 Profiles (:data:`PROFILES`): ``baseline`` turns every fast path off, ``tuned`` turns every one on. No fast
 path exists yet (:data:`FAST_PATHS` is empty), so both run the same stack today; the cache, batching and
-pool issues each add their switch there, and :meth:`Profile.env` hands it to the workers.
+pool work each add their switch there, and :meth:`Profile.env` hands it to the workers.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from xnai_tasks.observability.telemetry import read_records
 from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
 
-#: Named fast paths a profile switches (each later issue adds its own: e.g. "cache", "batching").
+#: Named fast paths a profile switches (each fast path adds its own here: e.g. "cache", "batching").
 #: A switch maps to the environment variable its workers read: name -> (variable, value when on, when off).
 FAST_PATHS: dict[str, tuple[str, str, str]] = {}
 
@@ -69,7 +69,7 @@ PROFILES: dict[str, Profile] = {
     "tuned": Profile("tuned", dict.fromkeys(FAST_PATHS, True)),
 }
 
-#: The issue's table: metric, where we were (then), the target.
+#: The table the system was designed against: metric, where it was (then), the target.
 TARGETS: tuple[tuple[str, str, str, str], ...] = (
     ("requests/s", "requests_per_s", "5", "10"),
     ("P99", "p99_s", "8 s", "3 s"),
@@ -470,7 +470,7 @@ def _cell(key: str, figures: Mapping[str, Any] | None) -> str:
 
 
 def format_table(profiles: Mapping[str, Mapping[str, Any]]) -> str:
-    """The issue's table: metric | then | target | baseline | tuned (``-``: the profile did not run)."""
+    """The designed-against table: metric | then | target | baseline | tuned (``-``: the profile did not run)."""
     rows = [("metric", "then", "target", "baseline", "tuned")]
     for title, key, then, target in TARGETS:
         rows.append((title, then, target, _cell(key, profiles.get("baseline")), _cell(key, profiles.get("tuned"))))
