@@ -34,11 +34,14 @@ $(STAMP): pyproject.toml deploy/llama-cpp/portable.cmake
 demo: install
 	$(VENV)/bin/xnai demo
 
+# Two test processes (pytest-xdist), a test file each at a time: most tests wait on real processes, so two
+# share 2 cores well (a file's module-scoped stack stays in one process). TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

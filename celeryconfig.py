@@ -14,6 +14,7 @@ from kombu import Exchange, Queue
 from xnai_tasks.core import constants as c
 from xnai_tasks.security import acl, redis_urls, role_config
 from xnai_tasks.security.limits import MAX_DEPTH
+from xnai_tasks.workflow.schedule import beat_entries
 
 if TYPE_CHECKING:
     from xnai_tasks.settings import Settings
@@ -85,6 +86,8 @@ def transport_options(settings: Settings, role: str | None = None) -> dict[str, 
         # Sweep for messages unacked past the visibility timeout every 10 s (kombu's default: ~100 s).
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
+        # Load shedding: a push to a role queue at its cap is refused (xnai_tasks/admission/channel.py).
+        "xnai_queue_caps": {c.queue_for(role): settings.queue_cap(role) for role in c.ROLES},
     }
     if role is not None and role != acl.ADMIN:
         options.update(role_config.worker_transport_options(role))
@@ -125,9 +128,13 @@ def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": settings.soft_time_limit,
         "beat_schedule_filename": str(settings.home / c.BEAT_SCHEDULE_FILE),
-        "beat_schedule": {"check-services": {"task": "copilot.check_services", "schedule": 60.0}},
+        "beat_schedule": {
+            "check-services": {"task": "copilot.check_services", "schedule": 60.0},
+            **beat_entries(settings.schedule),  # XNAI_SCHEDULE: workflows (xnai_tasks/workflow/schedule.py)
+        },
         "worker_hijack_root_logger": False,
-        "worker_consumer": "xnai_tasks.security.gate:GatedConsumer",
+        # the gate in front of every message; messages held when the broker connection drops are given back on reconnect
+        "worker_consumer": "xnai_tasks.resilience.reconnect:RestoringConsumer",
         # XNAI_TASK_MODULES: more ROLE.* task modules (e.g. the tests' own), imported as the role modules are.
         "imports": list(settings.task_modules),
     }

@@ -35,7 +35,9 @@ def redis_server(home: Path) -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def stack_settings() -> Iterator[Settings]:
     path = short_home()
-    yield Settings(home=path, flower_port=free_port())
+    # test_security floods a queue with 1,000 refused messages while good ones are submitted: a cap above the
+    # flood, so the good ones are not shed (tests/test_load_shedding.py tests the cap)
+    yield Settings(home=path, flower_port=free_port(), metrics_port=free_port(), max_queue=4096)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -49,8 +51,8 @@ def control_app(stack_settings: Settings) -> Iterator[Celery]:
 
 @pytest.fixture(scope="session")
 def stack(stack_settings: Settings, control_app: Celery) -> Iterator[Stack]:
-    """The whole system, real processes: embedded Redis, one worker per role (copilot with beat), Flower."""
-    with Stack(stack_settings, flower=True) as running:
+    """The whole system, real processes: embedded Redis, one worker per role (copilot with beat), Flower, metrics."""
+    with Stack(stack_settings, flower=True, metrics=True) as running:
         running.wait_workers(control_app)
         yield running
 

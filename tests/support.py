@@ -7,12 +7,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from xnai_tasks.settings import Settings
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def short_home() -> Path:
@@ -90,3 +97,87 @@ def resend(app: Any, queue: str, headers: dict[str, Any], body: Any) -> None:
             declare=[target],
             retry=True,
         )
+
+
+def scrape(settings: Settings) -> Samples:
+    """Every sample ``xnai metrics`` serves now, by (name, labels); retried while the endpoint starts."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when absent (a counter never incremented)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def wait_for_metric(settings: Settings, name: str, at_least: float, **labels: str) -> Samples:
+    """Scrape until the sample reaches ``at_least`` (or 60 s pass); the last scrape."""
+    deadline = time.monotonic() + 60
+    while True:
+        samples = scrape(settings)
+        if metric_value(samples, name, **labels) >= at_least or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.5)
+
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+def lazy_settings(**overrides: Any) -> Settings:
+    """Settings of a private stack on a fresh home: lazy models, no LLM probe, a free metrics port."""
+    fields: dict[str, Any] = {
+        "home": short_home(), "metrics_port": free_port(), "model_mode": "lazy", "llm_safe": "off",
+    }  # fmt: skip
+    return Settings(**{**fields, **overrides})
+
+
+@contextmanager
+def running_stack(settings: Settings, roles: tuple[str, ...], *, metrics: bool = False) -> Iterator[Any]:
+    """A :class:`Stack` of ``roles`` (no Flower) whose workers all answer a ping.
+
+    The workers can import ``tests/xnai_test_tasks.py`` (for settings whose ``task_modules`` name it).
+    """
+    from xnai_tasks.core.celery_app import create_app
+    from xnai_tasks.ops.supervisor import Stack
+
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = TESTS_DIR
+    try:
+        with Stack(settings, roles=roles, flower=False, metrics=metrics) as stack:
+            app = create_app(settings, main="xnai_test_ping")
+            try:
+                stack.wait_workers(app)
+            finally:
+                app.close()
+            yield stack
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+@contextmanager
+def admin_connection(settings: Settings) -> Iterator[Any]:
+    """A Redis connection as the embedded Redis's admin user (to look at or tamper with what is stored)."""
+    from xnai_tasks.core import broker
+    from xnai_tasks.security import acl, redis_urls
+
+    conn = broker.connect(redis_urls.connection_url(settings, acl.ADMIN))
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -155,9 +155,9 @@ def test_display_rendering_has_placeholders_and_one_line_per_user() -> None:
     assert [line.split()[1] for line in lines[1:]] == list(acl.USERS)
     assert all("#<hash>" in line for line in lines[1:])
     # Redis 6.2 has no read-only key patterns and no selectors: they are left out of its rendering
-    assert "%R~" in text and " +lpush +llen)" in text  # the copilot's push-only selector on role queues
+    assert "%R~" in text and " +lpush +llen +evalsha)" in text  # the copilot's push-only selector on role queues
     old = acl.render_acl(None, server_version=(6, 2))
-    assert "%R~" not in old and "+lpush +llen)" not in old
+    assert "%R~" not in old and "+lpush +llen" not in old
 
 
 def test_role_urls_carry_the_users_credentials(home: Path) -> None:

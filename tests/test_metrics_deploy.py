@@ -40,12 +40,13 @@ def test_alert_rules_parse_and_reference_only_exported_metrics() -> None:
     # When their expressions are read
     names = {r["alert"] for r in rules}
     used = {m for r in rules for m in METRIC.findall(r["expr"])}
-    # Then the five rules are there and use only what we export
+    # Then the six rules are there and use only what we export
     assert names == {
         "XnaiRoleWithoutWorker",
         "XnaiRefusalSpike",
         "XnaiWorkerDeaths",
         "XnaiQueueOverCap",
         "XnaiTaskP99OverSlo",
+        "XnaiBreakerOpen",
     }
     assert used and all(_exported(m) for m in used), used

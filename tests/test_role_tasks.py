@@ -15,6 +15,9 @@ from xnai_tasks.client.sync import Client
 from xnai_tasks.errors import TaskFailedError
 from xnai_tasks.models import cosine
 from xnai_tasks.ops.supervisor import Stack
+from xnai_tasks.settings import Settings
+
+from support import metric_value, scrape, wait_for_metric
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +54,20 @@ def test_cline_generate_docs(stack: Stack, client: Client) -> None:
     assert result["timings"]["generate_s"] > 0 and result["timings"]["tokens_per_s"] > 0
 
 
+def test_llm_tokens_and_loaded_models_are_counted(stack: Stack, client: Client, stack_settings: Settings) -> None:
+    # Given the token count of cline's LLM before
+    tokens = {"role": "cline", "model": LLM}
+    before = metric_value(scrape(stack_settings), "xnai_llm_tokens_total", **tokens)
+    # When cline generates
+    result = call(client, "cline", "generate_docs", topic="token counts", context="Tokens are counted.", max_tokens=8)
+    # Then exactly its prompt and completion tokens are added, and each role's preloaded models show as loaded
+    spent = result["prompt_tokens"] + result["completion_tokens"]
+    samples = wait_for_metric(stack_settings, "xnai_llm_tokens_total", before + spent, **tokens)
+    assert metric_value(samples, "xnai_llm_tokens_total", **tokens) == before + spent
+    for role, model in (("cline", LLM), ("grok", LLM), ("grok", ENCODER), ("curation", ENCODER)):
+        assert metric_value(samples, "xnai_model_loaded", role=role, model=model) == 1, (role, model)
+
+
 def test_cline_generate_code_reports_honestly(stack: Stack, client: Client) -> None:
     result = call(client, "cline", "generate_code", spec="a function that adds two numbers", max_tokens=48, seed=1)
     report = result["validation"]
@@ -78,11 +95,15 @@ def test_grok_synthesize(stack: Stack, client: Client) -> None:
     )
     assert result["model"] == LLM and result["degraded"] is False
     assert 0 < result["completion_tokens"] <= 16 and result["pid"] > 0
-    # temperature 0 and a seed: the same answer twice
+    # temperature 0 and a seed: the same answer twice, both generated (the response cache is off)
     again = [
-        call(client, "grok", "synthesize", prompt="Name a colour.", max_tokens=8, temperature=0.0, seed=5)["text"]
+        client.submit(
+            "grok", "synthesize", prompt="Name a colour.", max_tokens=8, temperature=0.0, seed=5, cache="off"
+        ).get(timeout=TIMEOUT)
         for _ in range(2)
     ]
+    assert all("cache" not in answer for answer in again)
+    again = [answer["text"] for answer in again]
     assert again[0] == again[1]
 
 

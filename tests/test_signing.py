@@ -204,6 +204,7 @@ def test_reason_codes_are_a_fixed_set() -> None:
         "expired",
         "future",
         "replay",
+        "deadline",
     }
 
 

@@ -1,4 +1,5 @@
-"""Tasks only the tests load, through ``XNAI_TASK_MODULES=xnai_test_tasks``: they kill their own process.
+"""Tasks only the tests load, through ``XNAI_TASK_MODULES=xnai_test_tasks``: they kill their own process, or
+fail an LLM call on purpose.
 
 Each run appends one line (its pid) to ``runs_file``, so a test can count how often a message was run.
 """
@@ -40,3 +41,27 @@ def nap(self: RoleTask, seconds: float, runs_file: str | None = None) -> dict[st
     runs = _record_run(runs_file)
     time.sleep(seconds)
     return {"runs": runs, "pid": os.getpid()}
+
+
+def _register_llm_call(role: str) -> None:
+    def llm_call(
+        self: RoleTask, fail: bool = True, seconds: float = 0.0, runs_file: str | None = None
+    ) -> dict[str, Any]:
+        """A stand-in LLM call of the role's model through the real guard (breaker and pool): it fails if ``fail``."""
+        from xnai_tasks.resilience.llm_guard import guarded
+        from xnai_tasks.worker import startup as runtime
+
+        def call() -> dict[str, Any]:
+            runs = _record_run(runs_file)
+            time.sleep(seconds)
+            if fail:
+                raise RuntimeError("the stand-in LLM failed on purpose")
+            return {"runs": runs, "pid": os.getpid()}
+
+        return guarded(role, runtime.registry(role).llm.model.name, call)
+
+    role_task(role)(llm_call)
+
+
+for _role in ("cline", "grok"):
+    _register_llm_call(_role)

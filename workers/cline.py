@@ -3,17 +3,26 @@
 The default LLM is Gemma 3 270M, a small *base* model (not instruction tuned): its text is returned as
 generated, and generated Python is checked with ``ast.parse`` and ``compile`` and reported, never fixed
 up or claimed correct. Code in other languages is reported as not validated.
+
+Every LLM call passes the role's circuit breaker and model pool (:func:`xnai_tasks.worker.llm.run_llm`). While
+the LLM is out (breaker open, no lease, the model cannot run) code generation refuses at once with the reason;
+documentation with notes answers from the notes instead, marked ``degraded`` with the reason.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from xnai_tasks.errors import ModelError, RefusedError
 from xnai_tasks.models import inference as m
+from xnai_tasks.models.loading import LLM
+from xnai_tasks.worker import prompts
 from xnai_tasks.worker import startup as runtime
 from xnai_tasks.worker.arguments import optional_text, require_count, require_text
 from xnai_tasks.worker.code import extract_code, validate_code
+from xnai_tasks.worker.llm import run_llm
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
+from xnai_tasks.worker.sentences import sentences
 from xnai_tasks.worker.timer import Timer
 
 ROLE = "cline"
@@ -24,6 +33,8 @@ MAX_TOKENS_LIMIT = 2048
 #: Answering from notes: less sampling noise, and one paragraph (a blank line or a new question ends it).
 GROUNDED_TEMPERATURE = 0.3
 PARAGRAPH_STOP = ["\n\n", "\nQuestion:", "\nNotes:"]
+#: Sentences of the notes a degraded (LLM-less) documentation answer keeps.
+EXTRACT_SENTENCES = 3
 
 register_diagnostics(ROLE)
 
@@ -37,12 +48,18 @@ def _generate(
     raw: bool = False,
     stop: list[str] | None = None,
     system: str | None = None,
+    preamble: str = prompts.DOCS,
 ) -> dict[str, Any]:
-    holder = runtime.registry(ROLE).llm
     timer = Timer()
-    with runtime.using(holder, timer) as llm, timer.phase("generate"):
+
+    def use(llm: LLM) -> m.Generation:
         temp = float(llm.defaults.get("temperature", 0.7)) if temperature is None else float(temperature)
-        out = m.generate(llm, prompt, max_tokens, temp, seed=seed, raw=raw, stop=stop, system=system)
+        return m.generate(
+            llm, prompt, max_tokens, temp, seed=seed, raw=raw, stop=stop, system=system, preamble=preamble
+        )
+
+    out = run_llm(ROLE, timer, use)
+    holder = runtime.registry(ROLE).llm
     # A base model sometimes repeats the template's "Answer:" before answering.
     return {"text": out["text"].removeprefix("Answer:").strip()} | runtime.generation_report(holder, out, timer)
 
@@ -60,12 +77,30 @@ def generate_docs(
     limit = require_count("max_tokens", max_tokens, 1, MAX_TOKENS_LIMIT)
     if not background:
         prompt = f"Explain {subject} in one short paragraph for a developer's documentation."
-        return {"topic": subject, "grounded": False} | _generate(prompt, limit, None, seed)
+        return {"topic": subject, "grounded": False, "degraded": False} | _generate(prompt, limit, None, seed)
     prompt = f"Using the notes, explain {subject} in one short paragraph."
-    result = _generate(
-        prompt, limit, GROUNDED_TEMPERATURE, seed, stop=PARAGRAPH_STOP, system=f"Notes: {background.strip()}"
-    )
-    return {"topic": subject, "grounded": True} | result
+    try:
+        result = _generate(
+            prompt, limit, GROUNDED_TEMPERATURE, seed, stop=PARAGRAPH_STOP, system=f"Notes: {background.strip()}"
+        )
+    except (RefusedError, ModelError) as exc:  # the breaker counted a failure already; the notes still answer
+        return _from_notes(subject, background, str(exc))
+    return {"topic": subject, "grounded": True, "degraded": False} | result
+
+
+def _from_notes(subject: str, notes: str, reason: str) -> dict[str, Any]:
+    """Documentation without the LLM: the sentences of the notes that share a word with the topic."""
+    words = {w.lower().strip(".,:;!?()") for w in subject.split() if len(w) > 3}
+    found = sentences(notes)
+    picked = [s for s in found if words & {w.lower().strip(".,:;!?()") for w in s.split()}] or found
+    return {
+        "topic": subject,
+        "grounded": True,
+        "text": " ".join(picked[:EXTRACT_SENTENCES]),
+        "degraded": True,
+        "degraded_reason": reason,
+        "completion_tokens": 0,
+    }
 
 
 @role_task(ROLE)
@@ -80,7 +115,9 @@ def generate_code(
     # (Measured on 12 specs x seeds: 8 valid programs this way, 3 with a "Write ... code" question.)
     prompt = f"# {wanted[0].upper()}{wanted[1:]}, in {lang}.\n```{lang.lower()}\n"
     # A new comment after a blank line starts another snippet: the answer ends before it.
-    result = _generate(prompt, limit, CODE_TEMPERATURE, seed, raw=True, stop=["```", "\nQuestion:", "\n\n#"])
+    result = _generate(
+        prompt, limit, CODE_TEMPERATURE, seed, raw=True, stop=["```", "\nQuestion:", "\n\n#"], preamble=prompts.CODE
+    )
     code = extract_code(result.pop("text"), lang)
     validation = validate_code(code, lang)
     if result["finish_reason"] == "length":

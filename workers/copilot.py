@@ -39,3 +39,19 @@ def check_services(self: RoleTask) -> dict[str, Any]:
         "checked_at": time.time(),
         "timings": {"total_s": round(time.perf_counter() - start, 4)},
     }
+
+
+@role_task(ROLE)
+def run_workflow(
+    self: RoleTask, workflow: str, kwargs: dict[str, Any] | None = None, run_id: str | None = None
+) -> dict[str, Any]:
+    """Run a workflow from the copilot worker (beat's XNAI_SCHEDULE, ``xnai run``); its record (state, steps)."""
+    from xnai_tasks.client.sync import Client
+    from xnai_tasks.settings import process_settings
+    from xnai_tasks.workflow.runner import run_workflow as run
+
+    client = Client(process_settings())
+    try:
+        return run(client, workflow, dict(kwargs or {}), run_id=run_id)
+    finally:
+        client.close()

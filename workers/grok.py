@@ -1,8 +1,9 @@
 """Grok: long-form synthesis and structured trade-off analysis.
 
 Grok holds the LLM and the encoder. When the LLM cannot be loaded (over the RAM budget in lazy mode,
-or missing), ``analyze`` and ``synthesize`` (given a context) degrade to an encoder-only extractive
-answer marked ``degraded: true`` with the reason, instead of failing (README, Models).
+or missing), while the role's circuit breaker for it is open, when no lease on it frees in time, or when a
+call fails, ``analyze`` and ``synthesize`` (given a context) degrade to an encoder-only extractive answer
+marked ``degraded: true`` with the reason, instead of failing (README, Models and Reliability).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from typing import Any
 
 from xnai_tasks.errors import ModelError, RefusedError, UsageError
 from xnai_tasks.models import inference as m
+from xnai_tasks.models.loading import LLM
+from xnai_tasks.worker import prompts
 from xnai_tasks.worker import startup as runtime
 from xnai_tasks.worker.arguments import optional_text, require_count, require_text
+from xnai_tasks.worker.llm import llm_blocked, run_llm
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
 from xnai_tasks.worker.sentences import sentences
 from xnai_tasks.worker.timer import Timer
@@ -35,7 +39,10 @@ register_diagnostics(ROLE)
 
 
 def _llm_unavailable(timer: Timer) -> str | None:
-    """None when the LLM is loaded (loading it now if needed), else why it cannot be."""
+    """None when the LLM may be used (loading it now if needed), else why not: its breaker is open, or no load."""
+    blocked = llm_blocked(ROLE)
+    if blocked is not None:
+        return blocked
     holder = runtime.registry(ROLE).llm
     if holder.loaded:
         return None
@@ -81,32 +88,42 @@ def synthesize(
     timer = Timer()
     reason = _llm_unavailable(timer)
     if reason is not None:
-        if background is None:
-            raise RefusedError(f"the LLM is unavailable and there is no context to extract from: {reason}")
-        picked = _extract(question, background, timer)
-        return {
-            "model": runtime.registry(ROLE).encoder.model.name,
-            "pid": os.getpid(),
-            "prompt": question,
-            "text": " ".join(p["sentence"] for p in picked),
-            "evidence": picked,
-            "degraded": True,
-            "degraded_reason": reason,
-            "completion_tokens": 0,
-            "timings": timer.as_dict(),
-        }
+        return _extractive(question, background, reason, timer)
     holder = runtime.registry(ROLE).llm
     notes = None if background is None else f"Notes: {background.strip()}"
-    with holder.use() as llm, timer.phase("generate"):
+
+    def use(llm: LLM) -> m.Generation:
         default = float(llm.defaults.get("temperature", 0.7)) if notes is None else GROUNDED_TEMPERATURE
         temp = default if temperature is None else float(temperature)
-        out = m.generate(
-            llm, question, limit, temp, seed=seed, system=notes, stop=None if notes is None else ["\nQuestion:"]
-        )
+        stop = None if notes is None else ["\nQuestion:"]
+        return m.generate(llm, question, limit, temp, seed=seed, system=notes, stop=stop, preamble=prompts.SYNTHESIS)
+
+    try:
+        out = run_llm(ROLE, timer, use)
+    except (RefusedError, ModelError) as exc:  # the breaker has counted it; the context can still answer
+        return _extractive(question, background, str(exc), timer)
     text = out["text"].removeprefix("Answer:").strip()
     return {"prompt": question, "text": text, "grounded": notes is not None, "degraded": False} | (
         runtime.generation_report(holder, out, timer)
     )
+
+
+def _extractive(question: str, background: str | None, reason: str, timer: Timer) -> dict[str, Any]:
+    """The answer without the LLM: the context's sentences closest to the question, marked degraded."""
+    if background is None:
+        raise RefusedError(f"the LLM is unavailable and there is no context to extract from: {reason}")
+    picked = _extract(question, background, timer)
+    return {
+        "model": runtime.registry(ROLE).encoder.model.name,
+        "pid": os.getpid(),
+        "prompt": question,
+        "text": " ".join(p["sentence"] for p in picked),
+        "evidence": picked,
+        "degraded": True,
+        "degraded_reason": reason,
+        "completion_tokens": 0,
+        "timings": timer.as_dict(),
+    }
 
 
 def _options(options: Any) -> list[tuple[str, str]]:
@@ -147,6 +164,27 @@ def _mentions(name: str, background: str | None) -> str:
     return " ".join(s for s in sentences(background) if name.lower() in s.lower())
 
 
+def _assess(asked: str, name: str, facts: str, limit: int, seed: int | None, timer: Timer) -> tuple[str, int, int]:
+    """The LLM's assessment of one option from its facts: kept sentences, sentences dropped, tokens used."""
+    prompt = f"{asked} Using only the facts, give one advantage and one disadvantage of {name}."
+
+    def use(llm: LLM) -> m.Generation:
+        return m.generate(
+            llm,
+            prompt,
+            limit,
+            GROUNDED_TEMPERATURE,
+            seed=seed,
+            system=f"Facts: {facts}",
+            stop=PARAGRAPH_STOP,
+            preamble=prompts.ANALYSIS,
+        )
+
+    out = run_llm(ROLE, timer, use)
+    kept, dropped = _supported(out["text"].removeprefix("Answer:"), sentences(facts), timer)
+    return kept, dropped, out["completion_tokens"]
+
+
 @role_task(ROLE)
 def analyze(
     self: RoleTask,
@@ -179,19 +217,15 @@ def analyze(
         facts = " ".join(part for part in (description, _mentions(name, background)) if part)
         row["evidence"] = _extract(f"{asked} {name}", facts, timer, 2) if facts else []
         extracted = " ".join(e["sentence"] for e in row["evidence"]) or None
+        row["assessment"] = extracted
         if reason is None and facts:
-            holder = runtime.registry(ROLE).llm
-            prompt = f"{asked} Using only the facts, give one advantage and one disadvantage of {name}."
-            with holder.use() as llm, timer.phase("generate"):
-                out = m.generate(
-                    llm, prompt, limit, GROUNDED_TEMPERATURE, seed=seed, system=f"Facts: {facts}", stop=PARAGRAPH_STOP
-                )
-            tokens += out["completion_tokens"]
-            kept, dropped = _supported(out["text"].removeprefix("Answer:"), sentences(facts), timer)
-            unsupported += dropped
-            row["assessment"] = kept or extracted
-        else:
-            row["assessment"] = extracted
+            try:
+                kept, dropped, used = _assess(asked, name, facts, limit, seed, timer)
+            except (RefusedError, ModelError) as exc:  # this and the later options from their evidence
+                reason = str(exc)
+            else:
+                tokens, unsupported = tokens + used, unsupported + dropped
+                row["assessment"] = kept or extracted
         rows.append(row)
     ranked = sorted(rows, key=lambda r: r["relevance"], reverse=True)
     models = runtime.registry(ROLE)

@@ -3,7 +3,9 @@
 curation indexes four documents into the memory bank and answers a paraphrased query from them; then,
 retrieval first, cline writes a documentation paragraph grounded in the bank's chunks about its topic and
 Python code (with its validation report), and grok weighs two options from the evidence (their descriptions
-and the bank's chunks); every role's ``health`` shows who answered, on which CPUs, and which models it holds.
+and the bank's chunks); then the copilot runs the ``research`` workflow on those documents (its steps, its
+answer, and that answer's provenance verified in the bank); every role's ``health`` shows who answered, on
+which CPUs, and which models it holds.
 
 Each step is one line with the seconds since the start; while a step waits, a terminal shows the seconds
 it has waited on that line. First it says how each LLM was found to run on this host (llama.cpp's
@@ -32,6 +34,10 @@ from xnai_tasks.settings import Settings
 
 #: No step of the demo waits longer than this: a task whose worker keeps dying fails long before.
 TASK_TIMEOUT_S = 120.0
+#: Lines of generated code and of generated prose printed (the rest is counted): the demo's length must not
+#: depend on the model's mood (tests/test_demo.py: at most 60 lines in all).
+CODE_LINES_SHOWN = 6
+PROSE_LINES_SHOWN = 3
 
 DOCUMENTS = [
     {
@@ -118,6 +124,7 @@ def run_demo(settings: Settings) -> int:
             try:
                 check_models(client, steps)
                 show_work(client, steps)
+                show_research(client, steps)
                 with steps.waiting("health of every role ..."):
                     handles = [client.submit(role, "health") for role in c.ROLES]
                     answers = {
@@ -166,6 +173,14 @@ def _wrap(text: str) -> str:
     return "\n".join(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="  ") for line in text.split("\n"))
 
 
+def _head(text: str, lines: int) -> str:
+    """The first ``lines`` lines of ``text`` and how many were left out (a model's output varies in length)."""
+    kept = text.splitlines()
+    if len(kept) <= lines:
+        return text
+    return "\n".join([*kept[:lines], f"... ({len(kept) - lines} more lines)"])
+
+
 def _llm_line(result: dict[str, Any]) -> str:
     t = result["timings"]
     return (
@@ -189,7 +204,7 @@ def show_work(client: Client, steps: Steps) -> None:
     docs = _call(client, steps, "cline", "generate_docs", topic=topic, context=notes or None, max_tokens=96, seed=3)
     grounding = f"grounded in {len(notes.splitlines())} bank chunk(s)" if notes else "no bank chunk was relevant"
     print(f"cline.generate_docs: a paragraph about the prefork pool, {grounding} (small base model, as generated)")
-    print(_wrap(docs["text"]))
+    print(_head(_wrap(docs["text"]), PROSE_LINES_SHOWN))
     print(_llm_line(docs) + "\n", flush=True)
 
     code = _call(
@@ -208,7 +223,7 @@ def show_work(client: Client, steps: Steps) -> None:
         else f"does not validate: {report.get('error')}"
     )
     print(f"cline.generate_code: python, validation: {verdict}")
-    print(textwrap.indent(code["code"], "  | "))
+    print(textwrap.indent(_head(code["code"], CODE_LINES_SHOWN), "  | "))
     print(_llm_line(code) + "\n", flush=True)
 
     question = "Which database should a small offline desktop app use?"
@@ -229,9 +244,33 @@ def show_work(client: Client, steps: Steps) -> None:
     print(f"grok.analyze: recommends {analysis['recommendation']} ({analysis['method']})")
     for option in analysis["options"]:
         print(f"  {option['name']}: relevance {option['relevance']}")
-        print(_wrap("  " + (option["assessment"] or "")))
+        print(_head(_wrap("  " + (option["assessment"] or "")), 1))
     print(f"  ({analysis['unsupported_sentences_dropped']} LLM sentence(s) the evidence did not support were dropped)")
     print(flush=True)
+
+
+def show_research(client: Client, steps: Steps) -> None:
+    """The research workflow on the demo's documents: its steps, its answer, and the answer's provenance."""
+    from xnai_tasks.security.keyring import Keyring
+    from xnai_tasks.workflow.provenance import verified_hits
+
+    with steps.waiting("research workflow: curation searches, grok answers, cline writes up, curation indexes ..."):
+        record = client.run("research", topic=QUERY, k=3, max_tokens=96, seed=3)
+    done = [f"{s['name']} ({s['role']}) {s['seconds']:.1f} s {s['outcome']}" for s in record["steps"]]
+    print(f"  research {record['state']}: " + " | ".join(done[:2]) + "\n  " + " | ".join(done[2:]))
+    result = record["result"]
+    print(_head(_wrap("answer: " + result["writeup"]), 1))
+    found = client.submit("curation", "search", query=result["writeup"], k=3, cache="off").get(timeout=TASK_TIMEOUT_S)
+    hits = [
+        h for h in verified_hits(Keyring.load(client.settings.home), found["hits"]) if h["id"] == result["indexed_as"]
+    ]
+    origin = hits[0]["provenance"] if hits else {"verified": False, "reason": "not found in the bank"}
+    print(
+        f"  provenance in the bank: {origin.get('role')}.{origin.get('task')} task {str(origin.get('task_id'))[:8]}, "
+        f"model {origin.get('model')}, run {str(origin.get('run_id'))[:8]}: "
+        + ("signature verified" if origin["verified"] else f"NOT verified ({origin['reason']})"),
+        flush=True,
+    )
 
 
 def print_health(answers: dict[str, dict[str, Any]]) -> None:

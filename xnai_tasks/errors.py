@@ -37,6 +37,21 @@ class RefusedError(XnaiError):
     exit_code = 3
 
 
+class OverloadedError(RefusedError):
+    """The role's queue is at its cap (``XNAI_MAX_QUEUE``): nothing was sent; try again after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, role: str, cap: int, depth: int, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.role = role
+        self.cap = cap
+        self.depth = depth
+        self.retry_after_s = retry_after_s
+
+
+class NoWorkerError(RefusedError):
+    """Asked to be refused when no worker of the role is online, and none is: nothing was sent."""
+
+
 class TaskFailedError(XnaiError):
     """The task ran and raised; the message carries the remote error type and text."""
 
@@ -109,5 +124,30 @@ class ModelUnavailableError(RefusedError):
     """A model cannot run on this host (its probe crashed or hung with every set of options)."""
 
 
+class BreakerOpenError(RefusedError):
+    """The role's circuit breaker for a model is open (the LLM kept failing): refused without running it."""
+
+
+class PoolBusyError(RefusedError):
+    """Every lease on a model on this host stayed taken for as long as a caller may wait (``XNAI_POOL_WAIT``)."""
+
+
+class PromptTooLongError(ModelError):
+    """A prompt does not fit the model's context: the caller's input, not a failure of the model."""
+
+
 class WorkerLostError(TaskFailedError):
     """A task's worker process died running it ``XNAI_MAX_DELIVERIES`` times: it was failed and dead-lettered."""
+
+
+class UnknownWorkflowError(UsageError):
+    """No workflow of that name (xnai_tasks/workflow)."""
+
+
+class WorkflowFailedError(TaskFailedError):
+    """A required step of a workflow failed, was refused or timed out; its remaining steps were cancelled."""
+
+    def __init__(self, message: str, *, step: str = "", run_id: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+        self.run_id = run_id

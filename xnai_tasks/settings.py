@@ -53,6 +53,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_THREADS", "(the plan)", "threads per pool process (llama.cpp and torch), overriding the plan"),
     Variable("XNAI_PLAN", "(none)", 'JSON overrides of the plan per role, e.g. {"grok": {"processes": 2}}'),
     Variable(
+        "XNAI_SCHEDULE",
+        "(none)",
+        'workflows the copilot\'s beat runs, e.g. {"n": {"workflow": "research", "kwargs": {...}, "every_s": 3600}}',
+    ),
+    Variable(
         "XNAI_LLM_SAFE",
         "auto",
         "auto (probe the LLM's load options in a separate process), on (safe options only), off (no probe)",
@@ -62,7 +67,39 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
     Variable("XNAI_REDIS_MAXMEMORY_MB", "(plan)", "the embedded Redis' memory cap, MiB (plan: 5% of RAM, 256-2048)"),
     Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.models.probe_runner", "module the LLM probe runs (for diagnostics)"),
-    Variable("XNAI_TELEMETRY_DAYS", "7", "days the task telemetry under XNAI_HOME/telemetry is kept; 0 turns it off"),
+    Variable(
+        "XNAI_MAX_QUEUE",
+        "512",
+        "most messages waiting in a role's queue; a submit beyond it is refused (exit 3) with a retry-after; 0: no cap",
+    ),
+    Variable("XNAI_MAX_QUEUE_ROLE", "(XNAI_MAX_QUEUE)", "one role's cap, e.g. XNAI_MAX_QUEUE_GROK=64"),
+    Variable(
+        "XNAI_TASK_EXPIRES",
+        "3600",
+        "seconds a message may wait for a worker; then it is dropped, counted and refused, not run (--wait: --timeout)",
+    ),
+    Variable("XNAI_BREAKER", "on", "on: a circuit breaker per role and model stops calls to an LLM that keeps failing"),
+    Variable("XNAI_BREAKER_FAILURES", "5", "LLM failures or timeouts within XNAI_BREAKER_WINDOW that open a breaker"),
+    Variable("XNAI_BREAKER_WINDOW", "60", "seconds over which a breaker counts failures"),
+    Variable("XNAI_BREAKER_OPEN", "30", "seconds a breaker first stays open; doubled, with jitter, per failed probe"),
+    Variable("XNAI_BREAKER_OPEN_MAX", "600", "most seconds a breaker stays open"),
+    Variable("XNAI_LLM_SLOW", "120", "seconds after which an LLM call counts as a timeout for the breaker"),
+    Variable("XNAI_MODEL_POOL", "(the plan)", "most processes of a role on one host using one model at once"),
+    Variable("XNAI_POOL_WAIT", "60", "seconds a task waits for a model lease before it is refused"),
+    Variable("XNAI_POOL_LEASE", "30", "seconds a model lease lasts unless renewed (a dead holder's lease expires)"),
+    Variable("XNAI_CACHE", "on", "on: deterministic requests are answered from the response cache (off: never)"),
+    Variable("XNAI_CACHE_TTL", "86400", "seconds a cached response is kept"),
+    Variable(
+        "XNAI_CACHE_MAX_MB", "16", "most MiB of cached responses per role (oldest evicted); 4x it must fit in Redis"
+    ),
+    Variable(
+        "XNAI_PROMPT_CACHE_MB",
+        "64",
+        "MiB of llama.cpp prompt states each LLM process keeps to reuse a repeated prompt prefix; 0: off",
+    ),
+    Variable("XNAI_BATCH", "off", "on: the curation worker gathers embed/search/classify tasks into encoder batches"),
+    Variable("XNAI_BATCH_MAX_SIZE", "32", "most texts in one encoder batch (XNAI_BATCH=on)"),
+    Variable("XNAI_BATCH_MAX_WAIT_MS", "10", "most milliseconds a batch waits for more tasks (XNAI_BATCH=on)"),
 )
 
 #: XNAI_LLM_SAFE's values.
@@ -94,6 +131,8 @@ class Settings:
     threads: int | None = None
     #: Plan overrides per role (JSON text, checked to be an object of objects): see xnai_tasks.plan.planner.
     plan_overrides: str | None = None
+    #: Workflows beat runs (JSON text, checked): see xnai_tasks.workflow.schedule.
+    schedule: str | None = None
     llm_safe: str = "auto"
     llm_probe_timeout: int = 120
     max_deliveries: int = 3
@@ -103,6 +142,32 @@ class Settings:
     redis_maxmemory_mb: int | None = None
     #: Days telemetry files are kept (observability/telemetry.py); 0: no telemetry is written.
     telemetry_days: int = 7
+    #: Most messages waiting in a role's queue (0: no cap), and per-role overrides: ``(("grok", 64),)``.
+    max_queue: int = 512
+    queue_caps: tuple[tuple[str, int], ...] = ()
+    #: Seconds a submitted message may wait for a worker before it is dropped unrun (its ``expires``).
+    task_expires: int = 3600
+    #: The circuit breaker and the model pools (xnai_tasks/resilience); times in seconds.
+    breaker: bool = True
+    breaker_failures: int = 5
+    breaker_window: int = 60
+    breaker_open: int = 30
+    breaker_open_max: int = 600
+    llm_slow: int = 120
+    #: Leases per role, model and host; None: the role's processes in the plan.
+    model_pool: int | None = None
+    pool_wait: int = 60
+    pool_lease: int = 30
+    #: The response cache (xnai_tasks/cache): on or off, seconds an entry lives, MiB per role.
+    cache: bool = True
+    cache_ttl: int = 86400
+    cache_max_mb: int = 16
+    #: MiB of prompt states per LLM process (xnai_tasks/models/prompt_cache.py); 0: no prompt cache.
+    prompt_cache_mb: int = 64
+    #: Dynamic batching of the curation encoder (xnai_tasks/batching): on/off, most texts a batch, most wait (ms).
+    batch: bool = False
+    batch_max_size: int = 32
+    batch_max_wait_ms: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -126,6 +191,7 @@ class Settings:
             model_ram_mb=_optional(env, "XNAI_MODEL_RAM_MB", _bounded("XNAI_MODEL_RAM_MB", 1, 1 << 24)),
             threads=_optional(env, "XNAI_THREADS", _bounded("XNAI_THREADS", 1, 1024)),
             plan_overrides=_optional(env, "XNAI_PLAN", _parse_plan_overrides),
+            schedule=_optional(env, "XNAI_SCHEDULE", _parse_schedule),
             llm_safe=_choice(env, "XNAI_LLM_SAFE", "AUTO", tuple(m.upper() for m in LLM_SAFE_MODES)).lower(),
             llm_probe_timeout=_int(env, "XNAI_LLM_PROBE_TIMEOUT", 120, 5, 3600),
             max_deliveries=_int(env, "XNAI_MAX_DELIVERIES", 3, 1, 100),
@@ -135,7 +201,31 @@ class Settings:
                 env, "XNAI_REDIS_MAXMEMORY_MB", _bounded("XNAI_REDIS_MAXMEMORY_MB", 32, 1 << 20)
             ),
             telemetry_days=_int(env, "XNAI_TELEMETRY_DAYS", 7, 0, 3650),
+            max_queue=_int(env, "XNAI_MAX_QUEUE", 512, 0, MAX_QUEUE_LIMIT),
+            queue_caps=_queue_caps(env),
+            task_expires=_int(env, "XNAI_TASK_EXPIRES", 3600, 1, 30 * 24 * 3600),
+            breaker=_choice(env, "XNAI_BREAKER", "ON", ("ON", "OFF")) == "ON",
+            breaker_failures=_int(env, "XNAI_BREAKER_FAILURES", 5, 1, 10_000),
+            breaker_window=_int(env, "XNAI_BREAKER_WINDOW", 60, 1, 24 * 3600),
+            breaker_open=_int(env, "XNAI_BREAKER_OPEN", 30, 1, 24 * 3600),
+            breaker_open_max=_int(env, "XNAI_BREAKER_OPEN_MAX", 600, 1, 7 * 24 * 3600),
+            llm_slow=_int(env, "XNAI_LLM_SLOW", 120, 1, 24 * 3600),
+            model_pool=_optional(env, "XNAI_MODEL_POOL", _bounded("XNAI_MODEL_POOL", 1, 1024)),
+            pool_wait=_int(env, "XNAI_POOL_WAIT", 60, 0, 24 * 3600),
+            pool_lease=_int(env, "XNAI_POOL_LEASE", 30, 1, 3600),
+            cache=_choice(env, "XNAI_CACHE", "ON", ("ON", "OFF")) == "ON",
+            cache_ttl=_int(env, "XNAI_CACHE_TTL", 86400, 1, 30 * 24 * 3600),
+            cache_max_mb=_int(env, "XNAI_CACHE_MAX_MB", 16, 1, 1 << 20),
+            prompt_cache_mb=_int(env, "XNAI_PROMPT_CACHE_MB", 64, 0, MAX_PROMPT_CACHE_MB),
+            batch=_choice(env, "XNAI_BATCH", "OFF", ("ON", "OFF")) == "ON",
+            batch_max_size=_int(env, "XNAI_BATCH_MAX_SIZE", 32, 1, 1024),
+            batch_max_wait_ms=_int(env, "XNAI_BATCH_MAX_WAIT_MS", 10, 0, 1000),
         )
+        if settings.breaker_open_max < settings.breaker_open:
+            raise SettingsError(
+                f"XNAI_BREAKER_OPEN_MAX={settings.breaker_open_max} must be at least "
+                f"XNAI_BREAKER_OPEN={settings.breaker_open}"
+            )
         if settings.visibility_timeout <= settings.task_time_limit:
             raise SettingsError(
                 f"XNAI_VISIBILITY_TIMEOUT={settings.visibility_timeout} must be above "
@@ -167,6 +257,24 @@ class Settings:
             "XNAI_MAX_DELIVERIES": str(self.max_deliveries),
             "XNAI_LLM_PROBE_RUNNER": self.llm_probe_runner,
             "XNAI_TELEMETRY_DAYS": str(self.telemetry_days),
+            "XNAI_MAX_QUEUE": str(self.max_queue),
+            "XNAI_TASK_EXPIRES": str(self.task_expires),
+            **{f"XNAI_MAX_QUEUE_{role.upper()}": str(cap) for role, cap in self.queue_caps},
+            "XNAI_BREAKER": "on" if self.breaker else "off",
+            "XNAI_BREAKER_FAILURES": str(self.breaker_failures),
+            "XNAI_BREAKER_WINDOW": str(self.breaker_window),
+            "XNAI_BREAKER_OPEN": str(self.breaker_open),
+            "XNAI_BREAKER_OPEN_MAX": str(self.breaker_open_max),
+            "XNAI_LLM_SLOW": str(self.llm_slow),
+            "XNAI_POOL_WAIT": str(self.pool_wait),
+            "XNAI_POOL_LEASE": str(self.pool_lease),
+            "XNAI_CACHE": "on" if self.cache else "off",
+            "XNAI_CACHE_TTL": str(self.cache_ttl),
+            "XNAI_CACHE_MAX_MB": str(self.cache_max_mb),
+            "XNAI_PROMPT_CACHE_MB": str(self.prompt_cache_mb),
+            "XNAI_BATCH": "on" if self.batch else "off",
+            "XNAI_BATCH_MAX_SIZE": str(self.batch_max_size),
+            "XNAI_BATCH_MAX_WAIT_MS": str(self.batch_max_wait_ms),
         }
         if self.task_modules:
             env["XNAI_TASK_MODULES"] = ",".join(self.task_modules)
@@ -178,9 +286,15 @@ class Settings:
             "XNAI_MODEL_RAM_MB": self.model_ram_mb,
             "XNAI_THREADS": self.threads,
             "XNAI_PLAN": self.plan_overrides,
+            "XNAI_SCHEDULE": self.schedule,
+            "XNAI_MODEL_POOL": self.model_pool,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
+
+    def queue_cap(self, role: str) -> int:
+        """The most messages ``role``'s queue may hold (0: no cap): its own override, else XNAI_MAX_QUEUE."""
+        return dict(self.queue_caps).get(role, self.max_queue)
 
     @property
     def embedded(self) -> bool:
@@ -306,6 +420,22 @@ def _bounded(name: str, low: int, high: int) -> Callable[[str], int]:
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+#: The largest prompt cache accepted, MiB (more is a typo: it is per process, beside the model).
+MAX_PROMPT_CACHE_MB = 16_384
+#: The largest queue cap accepted (a bigger one is a typo: the embedded Redis' memory would run out first).
+MAX_QUEUE_LIMIT = 1_000_000
+
+
+def _queue_caps(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """``XNAI_MAX_QUEUE_ROLE`` overrides, validated, per role."""
+    caps = []
+    for role in c.ROLES:
+        name = f"XNAI_MAX_QUEUE_{role.upper()}"
+        if env.get(name, "").strip():
+            caps.append((role, _int(env, name, 0, 0, MAX_QUEUE_LIMIT)))
+    return tuple(caps)
+
+
 def _modules(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """A comma-separated list of dotted Python module names."""
     names = tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
@@ -313,6 +443,13 @@ def _modules(env: Mapping[str, str], name: str) -> tuple[str, ...]:
         if not _MODULE_NAME.fullmatch(module):
             raise SettingsError(f"{name}={module!r} is not a Python module name")
     return names
+
+
+def _parse_schedule(raw: str) -> str:
+    """XNAI_SCHEDULE: checked by the workflow package, in canonical form."""
+    from xnai_tasks.workflow.schedule import parse_schedule
+
+    return parse_schedule(raw)
 
 
 def _parse_plan_overrides(raw: str) -> str:

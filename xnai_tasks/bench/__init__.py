@@ -6,9 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 from xnai_tasks.bench import model_benches
+from xnai_tasks.bench.async_client import run_async_bench
+from xnai_tasks.bench.batching import run_batching
 from xnai_tasks.bench.load import run_load
 from xnai_tasks.bench.options import BenchOptions
+from xnai_tasks.bench.overload import run_overload
+from xnai_tasks.bench.prompt_reuse import run_prompt_reuse
+from xnai_tasks.bench.redis_restart import run_redis_restart
 from xnai_tasks.bench.roundtrip import run_roundtrip
+from xnai_tasks.bench.search import run_search
 from xnai_tasks.settings import Settings
 
 Benchmark = Callable[[Settings, BenchOptions], dict[str, Any]]
@@ -21,4 +27,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "threads": model_benches.run_threads,
     "coldstart": model_benches.run_coldstart,
     "load": run_load,
+    "overload": run_overload,
+    "redis-restart": run_redis_restart,
+    "search": run_search,
+    "prompt-reuse": run_prompt_reuse,
+    "batching": run_batching,
+    "async": run_async_bench,
 }

@@ -33,7 +33,7 @@ from xnai_tasks.settings import Settings
 def private_stack_home(settings: Settings) -> Iterator[Settings]:
     """Settings on a throw-away XNAI_HOME with its own embedded Redis (an external XNAI_REDIS_URL is kept)."""
     home = Path(tempfile.mkdtemp(prefix="xnai-bench-"))
-    bench_settings = replace(settings, home=home)
+    bench_settings = replace(settings, home=home, cache=False)  # repeated requests must run (see model_stack)
     init_keys(home)
     try:
         if bench_settings.embedded:
@@ -96,7 +96,9 @@ def model_stack(settings: Settings) -> Iterator[tuple[Settings, Stack]]:
     from xnai_tasks.models.model_file import resolve_model
 
     home = Path(tempfile.mkdtemp(prefix="xnai-bench-", dir="/tmp"))
-    bench_settings = replace(settings, home=home)
+    # the benchmarks repeat requests to measure their runs: the response cache stays off (the load bench
+    # switches it per profile, over this)
+    bench_settings = replace(settings, home=home, cache=False)
     try:
         with Stack(bench_settings, roles=(), flower=False) as stack:
             resolve_model("gguf", bench_settings)

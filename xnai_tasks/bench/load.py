@@ -9,9 +9,9 @@ percentiles (nearest-rank) per kind and overall, errors, refusals, lost requests
 availability, the stack's memory peak (sum of the PSS of every process it started, sampled every 0.5 s)
 and its CPU use (% of the host).
 
-Profiles (:data:`PROFILES`): ``baseline`` turns every fast path off, ``tuned`` turns every one on. No fast
-path exists yet (:data:`FAST_PATHS` is empty), so both run the same stack today; the cache, batching and
-pool work each add their switch there, and :meth:`Profile.env` hands it to the workers.
+Profiles (:data:`PROFILES`): ``baseline`` turns every fast path off, ``tuned`` turns every one on. Each fast
+path (the circuit breaker first; the cache, batching and pool work next) adds its switch to :data:`FAST_PATHS`,
+and :meth:`Profile.env` hands it to the workers.
 """
 
 from __future__ import annotations
@@ -41,7 +41,18 @@ from xnai_tasks.settings import Settings
 
 #: Named fast paths a profile switches (each fast path adds its own here: e.g. "cache", "batching").
 #: A switch maps to the environment variable its workers read: name -> (variable, value when on, when off).
-FAST_PATHS: dict[str, tuple[str, str, str]] = {}
+FAST_PATHS: dict[str, tuple[str, str, str]] = {
+    # the circuit breaker per role and model (xnai_tasks/resilience): a failing LLM is not called at full rate
+    "breaker": ("XNAI_BREAKER", "on", "off"),
+    # load shedding at submit (xnai_tasks/admission): each role queue capped at 512; off: no cap (the client's)
+    "shedding": ("XNAI_MAX_QUEUE", "512", "0"),
+    # the response cache (xnai_tasks/cache): deterministic requests answered from Redis; off: every one runs
+    "cache": ("XNAI_CACHE", "on", "off"),
+    # dynamic batching of curation's encoder (xnai_tasks/batching): one-text tasks share encoder calls
+    "batching": ("XNAI_BATCH", "on", "off"),
+    # prompt reuse (xnai_tasks/models/prompt_cache.py): each LLM process keeps its templates' evaluated prefixes
+    "prompt_cache": ("XNAI_PROMPT_CACHE_MB", "64", "0"),
+}
 
 SAMPLE_EVERY_S = 0.5
 POLL_EVERY_S = 0.02
@@ -232,7 +243,7 @@ def load_stack(settings: Settings, profile: Profile) -> Iterator[tuple[Settings,
 
     with model_stack(settings) as (bench, stack):
         control = create_app(bench, main="xnai_bench_load")
-        client = Client(bench)
+        client = Client(Settings.from_env({**bench.to_env(), **profile.env()}))  # the client's switches too
         procs = []
         try:
             for role in c.ROLES:
@@ -268,6 +279,7 @@ class Outcome:
     latency_s: float | None = None
     ended: str | None = None  # "ok", "error", "refused"; None: not ended (lost)
     degraded: bool = False  # a verified result marked degraded (grok answering without its LLM)
+    cached: bool = False  # a result answered by the response cache (its ``cache`` field)
 
 
 @dataclass
@@ -340,6 +352,7 @@ def _finish(agent: Agent, think: float, now: float) -> None:
         value = agent.handle.get(timeout=RESULT_TIMEOUT_S)  # verifies the worker's signature
         agent.outcome.ended = "ok"
         agent.outcome.degraded = isinstance(value, dict) and bool(value.get("degraded"))
+        agent.outcome.cached = isinstance(value, dict) and isinstance(value.get("cache"), dict)
     except RefusedError:
         agent.outcome.ended = "refused"
     except XnaiError:
@@ -379,7 +392,7 @@ def _kind_figures(outcomes: list[Outcome], waits: Mapping[str, float], window_s:
         "p99_s": pct(latencies, 99),
         "queue_wait_p50_s": pct(queue_waits, 50),
         "queue_wait_p99_s": pct(queue_waits, 99),
-        "cache_hit_rate": None,  # no response cache yet
+        "cache_hit_rate": round(sum(o.cached for o in ok) / len(ok), 4) if ok else None,
     }
 
 

@@ -28,6 +28,25 @@ class LoadOptions:
     plot_dir: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class OverloadOptions:
+    """``xnai bench overload``'s own options: seconds of offered load, its multiple of capacity, the SLO, the task."""
+
+    duration: float = 60.0
+    factor: float = 3.0
+    slo_s: float = 10.0
+    delay_s: float = 0.2
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """``xnai bench search``'s own options: chunks in the bank, queries per round (each way), hits per query."""
+
+    chunks: int = 10_000
+    queries: int = 100
+    k: int = 5
+
+
 def or_default(value: int | None, default: int) -> int:
     """``value`` if given, else ``default``."""
     return default if value is None else value

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import click
 
-from xnai_tasks.cli import acl, bench, keys, metrics, plan, report, stack, status, tasks
+from xnai_tasks.cli import acl, bench, cache, keys, metrics, plan, report, stack, status, tasks, workflows
 from xnai_tasks.cli.parsing import PROG, Group, parse_command_line
 from xnai_tasks.cli.words import CommandLineError
 from xnai_tasks.errors import UsageError, XnaiError
@@ -26,9 +26,12 @@ cli = Group(
         stack.flower_command,
         metrics.metrics_command,
         tasks.submit_command,
+        workflows.run_command,
+        workflows.runs_command,
         status.status_command,
         bench.bench_command,
         report.report_command,
+        cache.cache_command,
         keys.keys_command,
         plan.plan_command,
         acl.acl_command,

@@ -20,13 +20,14 @@ from xnai_tasks.settings import Settings
 @click.option("--concurrency", type=Number(int, low=1), default=2, help="worker pool processes")
 @click.option("--tokens", type=Number(int, low=1), default=None, help="max tokens per LLM task (llm, memory, threads)")
 @click.option("--threads", type=Number(int, low=1), default=None, help="threads per process (llm; default 2)")
-@click.option("--texts", type=Number(int, low=1), default=None, help="texts per embedding measurement (embed, threads)")
+@click.option("--texts", type=Number(int, low=1), default=None, help="texts per measurement (embed, threads, batching)")
 @click.option("--update-baseline", is_flag=True, help="gate: write the measured ratios as the new baseline")
 @click.option("--users", type=Number(int, low=1), default=20, help="simulated agents (load)")
-@click.option("--duration", type=Number(float, above=0), default=60.0, help="seconds of load (load)")
+@click.option("--duration", type=Number(float, above=0), default=60.0, help="seconds of load (load, overload)")
 @click.option("--profile", type=Choice("baseline", "tuned", "both"), default="both", help="fast paths (load)")
 @click.option("--seed", type=Number(int, low=0), default=0, help="the workload's seed (load)")
 @click.option("--plot", "plot_dir", default=None, metavar="DIR", help="PNG plots into DIR (load)")
+@click.option("--chunks", type=Number(int, low=1), default=10_000, help="chunks in the bank (search)")
 @click.pass_obj
 def bench_command(
     settings: Settings,
@@ -44,6 +45,7 @@ def bench_command(
     profile: str,
     seed: int,
     plot_dir: str | None,
+    chunks: int,
 ) -> int:
     """Run a benchmark side by side with its baseline (``gate``: quick runs of all, against bench/baseline.json)."""
     from xnai_tasks.bench import BENCHMARKS
@@ -67,6 +69,16 @@ def bench_command(
 
         load = LoadOptions(users=users, duration=duration, profile=profile, seed=seed, plot_dir=plot_dir)
         report = run_load(settings, options, load)
+    elif name == "overload":
+        from xnai_tasks.bench.options import OverloadOptions
+        from xnai_tasks.bench.overload import run_overload
+
+        report = run_overload(settings, options, OverloadOptions(duration=duration))
+    elif name == "search":
+        from xnai_tasks.bench.options import SearchOptions
+        from xnai_tasks.bench.search import run_search
+
+        report = run_search(settings, options, SearchOptions(chunks=chunks))
     else:
         report = BENCHMARKS[name](settings, options)
     print(json.dumps(report) if as_json else format_report(report))

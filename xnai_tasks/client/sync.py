@@ -5,40 +5,39 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery, states
+from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from kombu.utils.uuid import uuid
 from redis import RedisError
 
+from xnai_tasks.client.outcome import REFUSALS, settle, verify_signer
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import (
     BrokerUnreachableError,
-    MessageRejected,
-    ModelUnavailableError,
-    OverBudgetError,
-    RefusedError,
-    TaskFailedError,
-    TaskRevokedError,
+    NoWorkerError,
     TaskTimeoutError,
     UnknownRoleError,
     UnknownTaskError,
 )
+from xnai_tasks.resilience.outage import outlasting_outages
 from xnai_tasks.security.keyring import Keyring, SignerSource
 from xnai_tasks.security.limits import check_arguments
 from xnai_tasks.security.publish import load_agent, signing_as, use_agent
-from xnai_tasks.security.result_signature import verify_result
-from xnai_tasks.security.results import VERIFIED, VerifiedBy
-from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.settings import Settings
 
-#: Errors a task raises to refuse work (the model cannot run here, over the RAM budget), and the one a worker
-#: stores for a message its gate refused: the caller is refused (CLI exit 3), not told that the task failed.
-REFUSALS = frozenset(cls.__name__ for cls in (RefusedError, ModelUnavailableError, OverBudgetError, MessageRejected))
+if TYPE_CHECKING:
+    from xnai_tasks.cache.client_side import ClientCache
+
+__all__ = ["REFUSALS", "Client", "TaskHandle"]
+
+
+#: Seconds ``submit(require_worker=True)`` waits for a worker of the role to answer its ping.
+WORKER_PING_S = 1.0
 
 
 class TaskHandle:
@@ -59,43 +58,62 @@ class TaskHandle:
         return str(self._result.state)
 
     def get(self, timeout: float | None = None) -> Any:
-        """Wait for the result; raise TaskTimeoutError, TaskFailedError or BrokerUnreachableError."""
+        """Wait for the result; raise TaskTimeoutError, TaskFailedError or BrokerUnreachableError.
+
+        A broker outage shorter than the timeout is waited out (resilience/outage.py): Redis restarted, the wait
+        goes on and the result still arrives; a broker still away at the deadline is BrokerUnreachableError.
+        """
         try:
-            value = self._result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
+            value = outlasting_outages(self._wait, timeout, waiting_for=self.id)
         except CeleryTimeoutError:
             raise TaskTimeoutError(
                 f"{self.role}.{self.task} {self.id}: no result within {timeout} s (it may still run)"
             ) from None
-        except (RedisError, OperationalError, OSError) as exc:
-            raise BrokerUnreachableError(f"lost the broker while waiting for {self.id}: {exc}") from None
+        return settle(f"{self.role}.{self.task} {self.id}", str(self._result.state), value)
+
+    def _wait(self, timeout: float | None) -> Any:
+        value = self._result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
         self._verify()
-        if self._result.state == states.REVOKED:
-            raise TaskRevokedError(f"{self.role}.{self.task} {self.id} was revoked: {_describe(value)}")
-        if self._result.failed():
-            if type(value).__name__ in REFUSALS:
-                raise RefusedError(f"{self.role}.{self.task} {self.id} refused: {value}")
-            raise TaskFailedError(f"{self.role}.{self.task} {self.id} failed: {_describe(value)}")
         return value
 
     def _verify(self) -> None:
         """The stored result must be signed by the key of the role the task was sent to."""
         meta = self._result._get_task_meta()
-        checked = meta.get(VERIFIED)
-        if isinstance(checked, VerifiedBy) and checked.agent == self.role:
-            return  # its signature was checked when it arrived on the result channel: once is enough
-        result = meta.get("result")
-        if isinstance(result, BaseException):  # Celery rebuilt the exception; check what was stored
-            raw = self._result.backend.get(self._result.backend.get_key_for_task(self.id))
-            meta = json.loads(raw) if raw else {}
-            result = meta.get("result")
-        verify_result(
-            self._keyring,
-            task_id=self.id,
-            status=str(meta.get("status")),
-            result=result,
-            signature=meta.get(SIG_HEADER),
-            agent=self.role,
-        )
+        verify_signer(self._keyring, meta, task_id=self.id, role=self.role, stored=self._stored)
+
+    def stored(self) -> dict[str, Any]:
+        """The final result as its worker stored it: ``status``, ``result`` and its signature (provenance)."""
+        return self._stored()
+
+    def _stored(self) -> dict[str, Any]:
+        """The result as stored (Celery rebuilt an exception from it)."""
+        raw = self._result.backend.get(self._result.backend.get_key_for_task(self.id))
+        return dict(json.loads(raw)) if raw else {}
+
+
+class CachedHandle(TaskHandle):
+    """A request answered from the cache: nothing was enqueued, ``get`` returns at once.
+
+    Its value was verified by the lookup (the producing role's signature over the cache entry:
+    ``cache/client_side.py``), so there is no stored result to check again.
+    """
+
+    def __init__(self, role: str, task: str, task_id: str, value: dict[str, Any]) -> None:  # no AsyncResult
+        self.role = role
+        self.task = task
+        self._id = task_id
+        self._value = value
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def state(self) -> str:
+        return "SUCCESS"
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self._value
 
 
 class Client:
@@ -110,6 +128,7 @@ class Client:
         self._signer: SignerSource | None = None
         self.app = app if app is not None else create_app(settings, main="xnai_client")
         self._catalogue: dict[str, list[str]] | None = None
+        self._cache: ClientCache | None = None
 
     @classmethod
     def from_env(cls) -> Client:
@@ -124,20 +143,42 @@ class Client:
             self._catalogue = role_tasks(self.settings.task_modules)
         return self._catalogue
 
-    def submit(self, role: str, task: str, **kwargs: Any) -> TaskHandle:
+    def submit(
+        self,
+        role: str,
+        task: str,
+        *,
+        require_worker: bool = False,
+        expires_s: float | None = None,
+        cache: str | None = None,
+        **kwargs: Any,
+    ) -> TaskHandle:
         """Enqueue ``ROLE.TASK`` with ``kwargs`` on the role's own queue.
 
         ``kwargs`` must fit the task's Python signature (no argument missing, none unknown) and be plain JSON
         (no NaN or infinity, not nested deeper than ``limits.MAX_DEPTH``): anything else is refused here with
-        :class:`UsageError`, before anything is sent.
+        :class:`UsageError`, before anything is sent. A queue at its cap refuses it with :class:`OverloadedError`
+        (``retry_after_s``); with ``require_worker`` no worker of the role online refuses it with
+        :class:`NoWorkerError`. The message expires after ``expires_s`` (default ``XNAI_TASK_EXPIRES``, at most
+        ``XNAI_MAX_MESSAGE_AGE``): a worker that takes it later drops it unrun and the caller is refused.
+        ``cache`` (off, exact, semantic; default: exact for a deterministic request) may answer it from the
+        response cache: an exact hit is served here, nothing enqueued (xnai_tasks/cache).
         """
+        from xnai_tasks.cache.policy import CACHE_HEADER, cache_mode
         from xnai_tasks.worker.role_task import check_call
 
         self._check(role, task)
         check_call(role, task, kwargs)  # refused here (exit 2), not as a TypeError in the worker (exit 4)
         check_arguments(f"{role}.{task}", kwargs)  # refused here (exit 2), never sent half-signed
+        mode = cache_mode(role, task, kwargs, cache, enabled=self.settings.cache)
         keyring = self._ready()
         assert self._signer is not None  # set by _ready
+        hit = self._cached(role, task, kwargs, keyring) if mode != "off" else None
+        if hit is not None:
+            return hit
+        if require_worker:
+            self._require_worker(role)
+        expires = min(expires_s or float(self.settings.task_expires), float(self.settings.max_message_age))
         task_id = uuid()
         self._expect(task_id, role)  # before sending: the result consumer subscribes while it sends
         try:
@@ -148,12 +189,47 @@ class Client:
                     kwargs=kwargs,
                     queue=c.queue_for(role),
                     routing_key=role,
+                    expires=expires,
+                    headers={CACHE_HEADER: mode},
                     retry=True,
                     retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
                 )
         except (OperationalError, RedisError, OSError) as exc:
             raise BrokerUnreachableError(f"could not enqueue {role}.{task}: {exc}") from None
         return TaskHandle(result, role, task, keyring)
+
+    def _cached(self, role: str, task: str, kwargs: dict[str, Any], keyring: Keyring) -> TaskHandle | None:
+        """An exact hit of the response cache, verified (xnai_tasks/cache/client_side.py); None: enqueue it."""
+        from xnai_tasks.cache.client_side import ClientCache
+
+        if self._cache is None:
+            conn = getattr(self.app.backend, "client", None)  # the Redis result backend's connection
+            if conn is None:
+                return None
+            self._cache = ClientCache(conn, keyring)
+        try:
+            value = self._cache.lookup(role, task, kwargs)
+        except RedisError:
+            return None  # the enqueue says whether the broker is away
+        return None if value is None else CachedHandle(role, task, uuid(), value)
+
+    def _require_worker(self, role: str) -> None:
+        """Refuse (:class:`NoWorkerError`) when no worker of ``role`` answers a signed ping."""
+        from xnai_tasks.core.nodes import workers_online
+
+        if not workers_online(self.app, timeout=WORKER_PING_S).get(role):
+            raise NoWorkerError(
+                f"refused (no worker): no {role} worker answered within {WORKER_PING_S:g} s; nothing was sent"
+            )
+
+    def run(self, workflow: str, **kwargs: Any) -> dict[str, Any]:
+        """Run a workflow here, as the copilot (xnai_tasks/workflow); its record: state, steps and result.
+
+        A required step that fails cancels the steps still out and raises WorkflowFailedError naming it.
+        """
+        from xnai_tasks.workflow.runner import run_workflow
+
+        return run_workflow(self, workflow, kwargs)
 
     def handle(self, task_id: str, role: str, task: str) -> TaskHandle:
         """A handle on a task submitted elsewhere (by id), to wait for its verified result."""
@@ -200,9 +276,3 @@ class Client:
         known = self.tasks()[role]
         if task not in known:
             raise UnknownTaskError(f"role {role!r} has no task {task!r} (tasks: {', '.join(known)})")
-
-
-def _describe(error: Any) -> str:
-    if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return str(error)

@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 
 import celeryconfig
+from xnai_tasks.admission.channel import XnaiAMQP
 from xnai_tasks.core.signal_handlers import install_signals
 from xnai_tasks.ops.flower import add_flower_defaults
 from xnai_tasks.security.control import SignedControl
@@ -22,9 +23,11 @@ ROLE_MODULES = ("workers.copilot", "workers.cline", "workers.grok", "workers.cur
 
 
 class XnaiCelery(Celery):  # type: ignore[misc]
-    """Celery whose results are stored signed, in per-role namespaces (:class:`SignedRedisBackend`)."""
+    """Celery whose results are stored signed, in per-role namespaces (:class:`SignedRedisBackend`), and whose
+    pushes to a role queue respect its cap (:class:`XnaiAMQP`)."""
 
     backend_cls = SignedRedisBackend
+    amqp_cls = XnaiAMQP
 
 
 def create_app(settings: Settings | None = None, *, main: str = "xnai_tasks", current: bool = False) -> Celery:

@@ -184,6 +184,35 @@ def bank_chunk_key(doc_id: str, index: int) -> str:
     return f"{BANK_PREFIX}chunk:{doc_id}:{index}"
 
 
+def bank_version_key() -> str:
+    """Counter bumped in the same transaction as every index or delete: a search's in-process matrix is stale
+    when it differs."""
+    return f"{BANK_PREFIX}version"
+
+
+# ---- Workflow runs (xnai_tasks/workflow): written by the copilot only ----
+
+WORKFLOW_PREFIX: Final = f"{XNAI_KEY_PREFIX}workflow:"
+#: Recent workflow runs kept (the oldest are dropped), and how long one run's record is kept.
+WORKFLOW_RUNS_MAX: Final = 100
+WORKFLOW_RUN_TTL_S: Final = 7 * 24 * 3600
+
+
+def workflow_pattern() -> str:
+    """Every workflow key (the copilot's ACL)."""
+    return f"{WORKFLOW_PREFIX}*"
+
+
+def workflow_runs_key() -> str:
+    """List of recent run ids, newest first, trimmed to :data:`WORKFLOW_RUNS_MAX`."""
+    return f"{WORKFLOW_PREFIX}runs"
+
+
+def workflow_run_key(run_id: str) -> str:
+    """String: one run's record as JSON (workflow, state, steps, result), kept :data:`WORKFLOW_RUN_TTL_S`."""
+    return f"{WORKFLOW_PREFIX}run:{run_id}"
+
+
 # ---- Worker deaths and model verdicts (issue: a task that kills its worker must not loop unseen) ----
 
 #: Recent worker-process deaths kept per role (newest first), for ``xnai status``.
@@ -223,9 +252,103 @@ def control_nonce_pattern(role: str) -> str:
     return f"{XNAI_KEY_PREFIX}ctl:{role}:*"
 
 
+def throughput_key(role: str, bucket: int) -> str:
+    """Counter of the role's tasks finished in one bucket of THROUGHPUT_BUCKET_S seconds (its recent rate)."""
+    return f"{XNAI_KEY_PREFIX}rate:{role}:{bucket}"
+
+
+def throughput_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`throughput_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}rate:{role}:*"
+
+
+#: Seconds per throughput bucket, and how many recent buckets the rate is read over (admission/throughput.py).
+THROUGHPUT_BUCKET_S: Final = 10
+THROUGHPUT_BUCKETS: Final = 6
+
+
 def guard_locks_key() -> str:
     """Hash of the roles the memory guard locked out of Redis (role -> JSON: reason, time); admin only."""
     return f"{XNAI_KEY_PREFIX}guard:locks"
+
+
+# ---- Circuit breakers and model pools (xnai_tasks/resilience): one of each per role and model ----
+
+BREAKER_PREFIX: Final = f"{XNAI_KEY_PREFIX}breaker:"
+POOL_PREFIX: Final = f"{XNAI_KEY_PREFIX}pool:"
+#: The last part of a breaker's half-open probe token (a string with a TTL next to its state hash).
+BREAKER_PROBE_SUFFIX: Final = ":probe"
+
+
+def breaker_key(role: str, model: str) -> str:
+    """Hash of one breaker's state (state, failures in the window, open period, transition counts)."""
+    return f"{BREAKER_PREFIX}{role}:{model}"
+
+
+def breaker_probe_key(role: str, model: str) -> str:
+    """The half-open probe token of a breaker: held by the one caller let through, expires on its own."""
+    return f"{breaker_key(role, model)}{BREAKER_PROBE_SUFFIX}"
+
+
+def breaker_pattern(role: str) -> str:
+    """The ACL (and SCAN) pattern of every breaker key of a role."""
+    return f"{BREAKER_PREFIX}{role}:*"
+
+
+def pool_key(role: str, model: str, host: str) -> str:
+    """Sorted set of the leases on one model held by one role's processes on one host, scored by expiry (ms)."""
+    return f"{POOL_PREFIX}{role}:{model}:{host}"
+
+
+def pool_pattern(role: str) -> str:
+    """The ACL (and SCAN) pattern of every pool key of a role."""
+    return f"{POOL_PREFIX}{role}:*"
+
+
+# ---- The response cache (xnai_tasks/cache): each role writes only its own keys, the copilot reads all ----
+
+CACHE_PREFIX: Final = f"{XNAI_KEY_PREFIX}cache:"
+
+
+def cache_role_pattern(role: str) -> str:
+    """The ACL (and SCAN) pattern of every cache key of a role: its entries, index, sizes, byte count, counts."""
+    return f"{CACHE_PREFIX}{role}:*"
+
+
+def cache_entry_key(role: str, key: str) -> str:
+    """One cached answer of ``role`` (signed JSON) under its cache key (a sha256 hex of the request and model)."""
+    return f"{CACHE_PREFIX}{role}:e:{key}"
+
+
+def cache_lru_key(role: str) -> str:
+    """Sorted set of the role's cache keys by last store (seconds): the eviction order."""
+    return f"{CACHE_PREFIX}{role}:lru"
+
+
+def cache_sizes_key(role: str) -> str:
+    """Hash of the role's cache keys -> bytes of their entries."""
+    return f"{CACHE_PREFIX}{role}:sizes"
+
+
+def cache_bytes_key(role: str) -> str:
+    """Counter: bytes of the role's cached entries (what XNAI_CACHE_MAX_MB caps)."""
+    return f"{CACHE_PREFIX}{role}:bytes"
+
+
+def cache_semantic_key(role: str, scope: str) -> str:
+    """Sorted set of the cache keys of one role, task, model and arguments but the text (semantic candidates)."""
+    return f"{CACHE_PREFIX}{role}:s:{scope}"
+
+
+def cache_touch_key(role: str) -> str:
+    """Sorted set of ``role``'s cache keys by the last exact hit the copilot served (written by the copilot, read
+    by the role's eviction: an entry in use is not evicted first)."""
+    return f"{CACHE_PREFIX}copilot:touch:{role}"
+
+
+def cache_counts_key(agent: str) -> str:
+    """Hash of the cache outcomes ``agent`` counted, one field ``ROLE:OUTCOME`` each (the copilot counts lookups)."""
+    return f"{CACHE_PREFIX}{agent}:counts"
 
 
 # ---- Prometheus metrics (observability/metrics.py counts, observability/metrics_exporter.py serves) ----
@@ -245,6 +368,12 @@ METRIC_WORKERS_ONLINE: Final = "xnai_workers_online"
 METRIC_MODEL_LOADED: Final = "xnai_model_loaded"
 METRIC_LLM_TOKENS: Final = "xnai_llm_tokens_total"
 METRIC_PSS: Final = "xnai_process_pss_bytes"
+#: A breaker's state (0 closed, 1 half-open, 2 open) and its transitions, read from Redis at scrape time.
+METRIC_BREAKER_STATE: Final = "xnai_breaker_state"
+METRIC_BREAKER_TRANSITIONS: Final = "xnai_breaker_transitions_total"
+#: Response cache outcomes per role (hit, miss, semantic_hit, refused, bad_entry, stored, evicted) and its bytes.
+METRIC_CACHE: Final = "xnai_cache_total"
+METRIC_CACHE_BYTES: Final = "xnai_cache_bytes"
 METRIC_NAMES: Final = (
     METRIC_TASKS,
     METRIC_TASK_DURATION,
@@ -256,4 +385,8 @@ METRIC_NAMES: Final = (
     METRIC_MODEL_LOADED,
     METRIC_LLM_TOKENS,
     METRIC_PSS,
+    METRIC_BREAKER_STATE,
+    METRIC_BREAKER_TRANSITIONS,
+    METRIC_CACHE,
+    METRIC_CACHE_BYTES,
 )

@@ -14,6 +14,7 @@ from celery import signals
 
 def install_signals() -> None:
     """Connect the handlers: logging, the worker's start-up, the publish hook and the replay ledger."""
+    from xnai_tasks.admission import throughput
     from xnai_tasks.observability import metrics, telemetry
     from xnai_tasks.observability.logs import on_setup_logging
     from xnai_tasks.security.ledger import finish_task
@@ -40,6 +41,8 @@ def install_signals() -> None:
         # The pool child, around a task: one telemetry line per finished task (XNAI_HOME/telemetry).
         (signals.task_prerun, telemetry.on_task_prerun),
         (signals.task_postrun, telemetry.on_task_postrun),
+        # The pool child, after a task: the role's recent throughput (the retry-after of a refused submit).
+        (signals.task_postrun, throughput.on_task_postrun),
         # Prometheus (observability/metrics.py): the multiprocess folder before the fork, then per task in the
         # child its wait, duration and outcome; a pool process that exits has its pid marked dead.
         (signals.celeryd_init, metrics.use_multiproc_dir),

@@ -43,8 +43,11 @@ class ModelHolder(Generic[T]):
         margin_bytes: int = DEFAULT_RAM_MARGIN_BYTES,
         available_ram: Callable[[], int] | None = None,
         budget: RamBudget | None = None,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self.model = model
+        #: Told True after a load and False after an unload in this process (the ``xnai_model_loaded`` gauge).
+        self._on_change = on_change
         self.budget = budget
         if budget is not None:
             budget.holders.append(self)
@@ -103,6 +106,7 @@ class ModelHolder(Generic[T]):
                 self._value = self._loader()
                 self._load_seconds = time.monotonic() - start
                 self._loads += 1
+                self._changed(True)
                 if self.mode == "lazy":
                     self._start_reaper()
             self._last_used = time.monotonic()
@@ -129,8 +133,10 @@ class ModelHolder(Generic[T]):
         """Drop the model (memory is freed once no caller holds it)."""
         self._check_pid()
         with self._lock:
-            self._value = None
+            was_loaded, self._value = self._value is not None, None
         gc.collect()
+        if was_loaded:
+            self._changed(False)
 
     def unload_if_idle(self, now: float | None = None) -> bool:
         """Unload a lazy model idle for ``keep_alive`` seconds; True when it did."""
@@ -142,8 +148,13 @@ class ModelHolder(Generic[T]):
                 return False
             self._value = None
         gc.collect()
+        self._changed(False)
         log.info("unloaded idle model %s", self.model.name)
         return True
+
+    def _changed(self, loaded: bool) -> None:
+        if self._on_change is not None:
+            self._on_change(loaded)
 
     def close(self) -> None:
         """Stop the idle reaper and unload."""

@@ -8,8 +8,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypedDict, cast
 
-from xnai_tasks.errors import ModelError, UsageError
+from xnai_tasks.errors import ModelError, PromptTooLongError, UsageError
 from xnai_tasks.models.loading import LLM, Encoder
+from xnai_tasks.models.prompt_cache import prepare as prepare_prompt
 from xnai_tasks.observability.metrics import count_tokens
 
 
@@ -33,25 +34,26 @@ def generate(
     stop: Sequence[str] | None = None,
     seed: int | None = None,
     raw: bool = False,
+    preamble: str | None = None,
 ) -> Generation:
     """Generate with the model's prompt format (chat template or completion template).
 
     ``raw=True`` continues ``prompt`` as it is, with no template (e.g. code after a comment header).
     ``system`` (notes, facts) comes before the prompt, outside the completion template: a base model
-    reads it as a preamble to the question, not as part of it (Gemma has no system role). ``max_tokens`` is
-    lowered to what the context has room for; a prompt that does not fit at all raises :class:`ModelError`.
+    reads it as a preamble to the question, not as part of it (Gemma has no system role). ``preamble`` (a role's
+    fixed instructions) comes first of all, so prompts of one template share their first tokens and a prompt
+    cache (:mod:`xnai_tasks.models.prompt_cache`) can skip evaluating them again. ``max_tokens`` is
+    lowered to what the context has room for; a prompt that does not fit at all raises :class:`PromptTooLongError`.
     """
     stop_words = list(llm.stop if stop is None else stop)
     top_p = float(llm.defaults.get("top_p", 0.95))
     repeat_penalty = float(llm.defaults.get("repeat_penalty", 1.1))
     completion = raw or llm.prompt_format == "completion"
-    text = llm.completion_template.replace("{prompt}", prompt) if completion and not raw else prompt
-    if system is not None:
-        text = f"{system}\n\n{text}"
+    text = compose_prompt(llm, prompt, system=system, preamble=preamble, raw=raw)
     used = len(llm.llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)) + 16
     room = llm.n_ctx - used
     if room < 1:
-        raise ModelError(f"prompt of ~{used} tokens does not fit the model's context of {llm.n_ctx}")
+        raise PromptTooLongError(f"prompt of ~{used} tokens does not fit the model's context of {llm.n_ctx}")
     max_tokens = max(1, min(max_tokens, room))
     start = time.monotonic()
     try:
@@ -64,6 +66,7 @@ def generate(
             "seed": seed,
         }
         if completion:
+            prepare_prompt(llm, text, preamble)
             out: Any = llm.llama.create_completion(prompt=text, **options)
             choice_text = out["choices"][0]["text"]
         else:
@@ -80,6 +83,16 @@ def generate(
         seconds=round(time.monotonic() - start, 3),
         finish_reason=str(out["choices"][0].get("finish_reason") or "stop"),
     )
+
+
+def compose_prompt(
+    llm: LLM, prompt: str, *, system: str | None = None, preamble: str | None = None, raw: bool = False
+) -> str:
+    """The text :func:`generate` gives the model: ``preamble``, ``system``, then the prompt in its template."""
+    completion = raw or llm.prompt_format == "completion"
+    text = llm.completion_template.replace("{prompt}", prompt) if completion and not raw else prompt
+    parts = [part for part in (preamble, system) if part is not None]
+    return "\n\n".join([*parts, text])
 
 
 def embed(encoder: Encoder, texts: Sequence[str], batch_size: int = 32) -> list[list[float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from xnai_tasks.errors import ModelError
 from xnai_tasks.models.holder import DEFAULT_KEEP_ALIVE_SECONDS, ModelHolder, RamBudget
 from xnai_tasks.models.loading import LLM, Encoder, load_encoder, load_llm
 from xnai_tasks.models.model_file import resolve_model
+from xnai_tasks.observability.metrics import set_model_loaded
 from xnai_tasks.plan.planner import RolePlan, role_models
 from xnai_tasks.settings import Settings
 
@@ -54,6 +56,7 @@ class ModelRegistry:
                 plan.model_mode,
                 keep_alive=keep_alive,
                 budget=budget,
+                on_change=partial(set_model_loaded, role, gguf.name),
             )
         if "encoder" in kinds:
             enc = resolve_model("encoder", settings, manifest)
@@ -64,6 +67,7 @@ class ModelRegistry:
                 plan.model_mode,
                 keep_alive=keep_alive,
                 budget=budget,
+                on_change=partial(set_model_loaded, role, enc.name),
             )
         return cls(llm, encoder)
 

@@ -6,11 +6,12 @@ starts) from the supervisor; a worker started on its own (``honcho start``) sets
 process writes its own files there, so counts of a child that died or a worker that restarted stay: the exporter
 (:mod:`xnai_tasks.observability.metrics_exporter`) sums them at scrape time.
 
-What is counted here: task outcomes (succeeded, failed, retried from ``task_postrun`` in the child; worker_lost
-from the parent, where billiard reports a dead child: :mod:`xnai_tasks.worker.deliveries`), task durations, the
-wait in the queue (from the signed message's time to the start), LLM tokens. Labels are the role, the task's short
-name and the model: never a host name, a pid or a task id. What lives in Redis (queue depths, refusals, deaths,
-workers online) is read by the exporter at scrape time instead.
+What is counted here: whether a model is loaded (a ``livemax`` gauge: only live processes count, so a worker
+that died stops reporting its models), task outcomes (succeeded, failed, retried from ``task_postrun`` in the
+child; worker_lost from the parent, where billiard reports a dead child: :mod:`xnai_tasks.worker.deliveries`),
+task durations, the wait in the queue (from the signed message's time to the start), LLM tokens. Labels are the
+role, the task's short name and the model: never a host name, a pid or a task id. What lives in Redis (queue
+depths, refusals, deaths, workers online) is read by the exporter at scrape time instead.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from xnai_tasks.core import constants as c
+from xnai_tasks.ops.proc import pid_alive
 from xnai_tasks.settings import Settings, process_settings
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
 #: The variable prometheus-client reads (once, at import) to write per-process files instead of keeping values.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -63,13 +65,14 @@ class _Metrics:
         self.duration: Histogram | None = None
         self.queue_wait: Histogram | None = None
         self.tokens: Counter | None = None
+        self.loaded: Gauge | None = None
         #: Start time of each task running in this process, by task id (a child runs one at a time).
         self.started: dict[str, float] = {}
 
     def make(self) -> None:
         if self.made:
             return
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.tasks = Counter(
             c.METRIC_TASKS.removesuffix("_total"), "Tasks by role, task and outcome", ["role", "task", "outcome"]
@@ -82,6 +85,12 @@ class _Metrics:
         )
         self.tokens = Counter(
             c.METRIC_LLM_TOKENS.removesuffix("_total"), "LLM tokens (prompt and completion)", ["role", "model"]
+        )
+        self.loaded = Gauge(
+            c.METRIC_MODEL_LOADED,
+            "1 while a live worker process of the role holds the model loaded",
+            ["role", "model"],
+            multiprocess_mode="livemax",
         )
         self.made = True
 
@@ -172,6 +181,28 @@ def count_worker_lost(task_name: str, pid: int | None) -> None:
         if _metrics.tasks is not None:
             _metrics.tasks.labels(*labels, OUTCOME_WORKER_LOST).inc()
     mark_dead(pid)
+
+
+def set_model_loaded(role: str, model: str, loaded: bool) -> None:
+    """A worker process of ``role`` loaded (True) or dropped (False) ``model``."""
+    if role not in c.ROLES:
+        return
+    _metrics.make()
+    if _metrics.loaded is not None:
+        _metrics.loaded.labels(role, model).set(1.0 if loaded else 0.0)
+
+
+def prune_dead(path: Path) -> None:
+    """Drop the live-gauge files of processes that no longer exist (a worker killed with SIGKILL says nothing).
+
+    Counters and histograms of dead processes stay: their counts still happened.
+    """
+    from prometheus_client import multiprocess
+
+    for file in path.glob("gauge_live*_*.db"):
+        pid = file.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), str(path))  # type: ignore[no-untyped-call]
 
 
 def count_tokens(model: str, tokens: int) -> None:

@@ -3,8 +3,9 @@
 At each scrape it sums the workers' multiprocess files (:mod:`xnai_tasks.observability.metrics`) and reads what
 lives in Redis: queue depths over every priority list, the gate's refusal counters per reason (also the
 ``refused`` outcome of ``xnai_tasks_total``, with ``task="unverified"``: a refused message's task name is not
-trusted), recent worker deaths, the model verdicts; workers online by signed ``ping`` (cached a few seconds);
-the PSS of each role's worker processes on this host. Nothing is kept here, so a restart loses nothing.
+trusted), recent worker deaths, a 0 under ``xnai_model_loaded`` for each model its probe found unusable; workers
+online by signed ``ping`` (cached a few seconds); the PSS of each role's worker processes on this host. Nothing is
+kept here, so a restart loses nothing. Before each scrape the live gauges of processes that no longer exist go.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
-from xnai_tasks.observability.metrics import OUTCOME_REFUSED
+from xnai_tasks.observability.metrics import OUTCOME_REFUSED, prune_dead
 from xnai_tasks.security.refusal import Reason
 from xnai_tasks.settings import Settings
 
@@ -44,11 +45,19 @@ class XnaiCollector:
 
     def collect(self) -> Iterator[Metric]:
         refused = {role: self._refusals(role) for role in c.ROLES}
-        tasks_seen = False
+        prune_dead(self.settings.metrics_dir)
+        tasks_seen = loaded_seen = False
         for family in self.files.collect():  # type: ignore[no-untyped-call]
             if family.name == c.METRIC_TASKS.removesuffix("_total"):
                 tasks_seen = True
                 self._add_refused(family, refused)
+            if family.name == c.METRIC_MODEL_LOADED:
+                loaded_seen = True
+                self._add_unavailable(family)
+            yield family
+        if not loaded_seen:
+            family = GaugeMetricFamily(c.METRIC_MODEL_LOADED, "Models loaded", labels=["role", "model"])
+            self._add_unavailable(family)
             yield family
         if not tasks_seen:
             family = CounterMetricFamily(
@@ -59,6 +68,8 @@ class XnaiCollector:
             self._add_refused(family, refused)
             yield family
         yield from self._redis_families(refused)
+        yield from self._breaker_families()
+        yield from self._cache_families()
         yield self._online_family()
         yield self._pss_family()
 
@@ -72,6 +83,16 @@ class XnaiCollector:
                 float(total),
             )
 
+    def _add_unavailable(self, family: Metric) -> None:
+        """A 0 for each model a role's probe found unusable here, unless a live process reports it."""
+        from xnai_tasks.observability.status import model_verdicts
+
+        present = {(s.labels.get("role"), s.labels.get("model")) for s in family.samples}
+        for role in c.ROLES:
+            for model, verdict in model_verdicts(self.conn, role).items():
+                if isinstance(verdict, dict) and verdict.get("unavailable") and (role, model) not in present:
+                    family.add_sample(c.METRIC_MODEL_LOADED, {"role": role, "model": model}, 0.0)
+
     def _refusals(self, role: str) -> dict[str, int]:
         known = {r.value for r in Reason}
         raw = self.conn.hgetall(c.refused_counter_key(role))
@@ -79,7 +100,7 @@ class XnaiCollector:
         return {reason: n for reason, n in counts.items() if reason in known}
 
     def _redis_families(self, refused: dict[str, dict[str, int]]) -> Iterator[Metric]:
-        from xnai_tasks.observability.status import model_verdicts, recent_deaths
+        from xnai_tasks.observability.status import recent_deaths
 
         depth = GaugeMetricFamily(c.METRIC_QUEUE_DEPTH, "Messages waiting, all priorities", labels=["role"])
         counts = CounterMetricFamily(
@@ -88,18 +109,45 @@ class XnaiCollector:
         deaths = GaugeMetricFamily(
             c.METRIC_WORKER_DEATHS, "Worker-process deaths in the last 10 minutes", labels=["role"]
         )
-        loaded = GaugeMetricFamily(
-            c.METRIC_MODEL_LOADED, "1 when the role's workers serve the model, else 0", labels=["role", "model"]
-        )
         for role in c.ROLES:
             depth.add_metric([role], broker.queue_depth(self.conn, c.queue_for(role)))
             for reason in sorted({r.value for r in Reason} | set(refused[role])):
                 counts.add_metric([role, reason], refused[role].get(reason, 0))
             deaths.add_metric([role], recent_deaths(self.conn, role)["last_10m"])
-            for model, verdict in model_verdicts(self.conn, role).items():
-                usable = isinstance(verdict, dict) and not verdict.get("unavailable")
-                loaded.add_metric([role, model], 1.0 if usable else 0.0)
-        yield from (depth, counts, deaths, loaded)
+        yield from (depth, counts, deaths)
+
+    def _breaker_families(self) -> Iterator[Metric]:
+        """Each circuit breaker's state and its transitions, as counted in Redis by its scripts."""
+        from xnai_tasks.resilience.breaker import STATE_VALUES, all_states
+
+        state = GaugeMetricFamily(
+            c.METRIC_BREAKER_STATE, "Circuit breaker: 0 closed, 1 half-open, 2 open", labels=["role", "model"]
+        )
+        moves = CounterMetricFamily(
+            c.METRIC_BREAKER_TRANSITIONS.removesuffix("_total"),
+            "Circuit breaker transitions, by the state entered",
+            labels=["role", "model", "state"],
+        )
+        for found in all_states(self.conn):
+            state.add_metric([found.role, found.model], STATE_VALUES[found.state])
+            for entered, count in found.transitions.items():
+                moves.add_metric([found.role, found.model, entered], count)
+        yield from (state, moves)
+
+    def _cache_families(self) -> Iterator[Metric]:
+        """The response cache's outcomes per role (xnai_tasks/cache/store.py counts them in Redis) and its bytes."""
+        from xnai_tasks.cache.store import stats
+
+        outcomes = CounterMetricFamily(
+            c.METRIC_CACHE.removesuffix("_total"), "Response cache outcomes", labels=["role", "outcome"]
+        )
+        size = GaugeMetricFamily(c.METRIC_CACHE_BYTES, "Bytes of cached responses", labels=["role"])
+        for row in stats(self.conn, self.settings.cache_max_mb << 20):
+            for outcome, n in sorted(row.counts.items()):
+                if outcome != "lookup":
+                    outcomes.add_metric([row.role, outcome], n)
+            size.add_metric([row.role], row.bytes)
+        yield from (outcomes, size)
 
     def _online_family(self) -> Metric:
         from xnai_tasks.core.nodes import workers_online

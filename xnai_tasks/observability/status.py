@@ -40,13 +40,39 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         for role, reason in locks.items():
             if role in roles:
                 roles[role]["locked"] = reason
+        reliability = reliability_status(conn)
     finally:
         conn.close()
         app.close()
     return {
         "redis": {"url": broker.redact(settings.broker_url), "embedded": settings.embedded, "reachable": True},
         "roles": roles,
+        **reliability,
     }
+
+
+def reliability_status(conn: redis.Redis) -> dict[str, Any]:
+    """Every circuit breaker (state, failures, opens, reason) and the model leases held now, per host."""
+    from xnai_tasks.resilience.breaker import all_states
+    from xnai_tasks.resilience.pool import leases_in_use
+
+    return {"breakers": [s.as_dict() for s in all_states(conn)], "pools": leases_in_use(conn)}
+
+
+def _reliability_lines(status: dict[str, Any]) -> list[str]:
+    lines = []
+    for b in status.get("breakers", []):
+        if b["state"] == "open":
+            lines.append(
+                f"breaker {b['role']} {b['model']}: OPEN, next probe in ~{b['retry_in_s']:.0f} s: {b['reason']}"
+            )
+        elif b["state"] == "half_open":
+            lines.append(f"breaker {b['role']} {b['model']}: HALF-OPEN, the next call probes: {b['reason']}")
+        else:
+            lines.append(f"breaker {b['role']} {b['model']}: closed ({b['failures']} recent failures)")
+    for p in status.get("pools", []):
+        lines.append(f"model leases {p['role']} {p['model']} on {p['host']}: {p['leases']} held")
+    return lines
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -58,6 +84,7 @@ def format_status(status: dict[str, Any]) -> str:
         workers = ", ".join(info["workers"]) or "-"
         lines.append(f"{role:10}{info['queued']:>8}{sum(info['refused'].values()):>9}  {workers}")
     lines += _lock_lines(status)
+    lines += _reliability_lines(status)
     for role, info in status["roles"].items():
         if info["refused"]:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(info["refused"].items()))

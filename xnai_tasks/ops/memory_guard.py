@@ -134,7 +134,11 @@ class MemoryGuard:
         self._calm_used = 0
 
     def run_forever(self, should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Check every :data:`POLL_S` until ``should_stop``; a Redis error is said and retried."""
+        """Check every :data:`POLL_S` until ``should_stop``; a Redis error is said and retried.
+
+        After an error the locks are applied again: Redis may have been restarted (``xnai up`` does when it dies),
+        which reloads the ACL file and with it turns every locked-out role back on.
+        """
         reapplied = False
         while not should_stop():
             if not reapplied:
@@ -143,6 +147,7 @@ class MemoryGuard:
                 self.check_once()
             except redis.RedisError as exc:
                 log.warning("memory guard: %s", exc)
+                reapplied = False
                 time.sleep(1.0)
             time.sleep(POLL_S)
 

@@ -20,10 +20,12 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import RedisServerError
-from xnai_tasks.ops.proc import die_with_parent
+from xnai_tasks.ops.proc import die_with_parent, pid_alive
 from xnai_tasks.security import acl, password_file, redis_urls
 from xnai_tasks.settings import Settings
 
@@ -94,7 +96,13 @@ def ping(socket_path: Path, *, username: str | None = None, password: str | None
     """True when a Redis answers PING on ``socket_path``."""
     if not socket_path.exists():
         return False
-    conn = redis.Redis(unix_socket_path=str(socket_path), username=username, password=password, socket_timeout=2)
+    conn = redis.Redis(  # no retry: a stale socket answers "refused" at once, and redis-py would retry for seconds
+        unix_socket_path=str(socket_path),
+        username=username,
+        password=password,
+        socket_timeout=2,
+        retry=Retry(NoBackoff(), 0),
+    )
     try:
         return bool(conn.ping())
     except redis.AuthenticationError:
@@ -176,6 +184,17 @@ class EmbeddedRedis:
         log.info("embedded Redis %s started on %s (pid %d)", binary, self.socket_path, self.process.pid)
         return self
 
+    def exit_code(self) -> int | None:
+        """The exit code of the server this object started, once it has exited (a reused one: never)."""
+        return None if self.process is None else self.process.poll()
+
+    def restart(self) -> EmbeddedRedis:
+        """Start the server again after it died: the same config, ACL users, socket and AOF (nothing is lost that
+        Redis had written to it). :class:`RedisServerError` when it does not come up."""
+        self.process = None
+        self.reused = False
+        return self.start()
+
     def stop(self) -> None:
         """Stop the server this object started (AOF is flushed on SIGTERM); a reused one is left alone."""
         if self.process is None:
@@ -238,7 +257,7 @@ class EmbeddedRedis:
         pidfile = self.settings.redis_dir / c.REDIS_PIDFILE
         if pidfile.exists():
             pid = _read_pid(pidfile)
-            if pid is not None and _alive(pid) and _is_redis(pid):
+            if pid is not None and pid_alive(pid) and _is_redis(pid):
                 raise RedisServerError(
                     f"a redis-server (pid {pid}) owns {self.settings.redis_dir} but does not answer on its socket"
                 )
@@ -254,16 +273,6 @@ def _read_pid(pidfile: Path) -> int | None:
         return int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_redis(pid: int) -> bool:

@@ -29,7 +29,7 @@ from redis import RedisError
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.core.nodes import workers_online
-from xnai_tasks.errors import BrokerUnreachableError, ProcessError
+from xnai_tasks.errors import BrokerUnreachableError, ProcessError, RedisServerError
 from xnai_tasks.observability.metrics import child_env as metrics_child_env
 from xnai_tasks.observability.metrics import prepare_dir as prepare_metrics_dir
 from xnai_tasks.ops.flower import ensure_credentials
@@ -46,6 +46,9 @@ STOP_GRACE_S = 20.0
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 RESTART_STABLE_S = 60.0
+#: The embedded Redis is started again at once the first time (every other process waits for it), then with backoff.
+REDIS_RESTART_FIRST_S = 0.0
+REDIS = "redis"
 
 
 class _StopSignals:
@@ -131,6 +134,7 @@ class Stack:
         prepare_metrics_dir(self.settings, clean=True)  # counts of an earlier run are not this run's
         if self.settings.embedded:
             self.redis = EmbeddedRedis(self.settings).start()
+            self._redis_restart().started = time.monotonic()
         if self.flower:
             creds, new = ensure_credentials(self.settings)
             if new:
@@ -197,8 +201,13 @@ class Stack:
             time.sleep(0.2)
 
     def restart_exited(self, say: Callable[[str], None]) -> None:
-        """Schedule a restart for each child that exited, and start those whose backoff has passed."""
+        """Schedule a restart for each child that exited, and start those whose backoff has passed.
+
+        The embedded Redis too: started again on the same socket with the same config and its AOF, it comes back
+        with the queues, unacked messages, results and nonces it had; the workers and clients reconnect to it.
+        """
         now = time.monotonic()
+        self._supervise_redis(now, say)
         for name, proc in list(self.children.items()):
             code = proc.poll()
             if code is None:
@@ -213,6 +222,34 @@ class Stack:
                 restart.due = None
                 self._spawn(restart.spec)
                 say(f"xnai up: {name} restarted (pid {self.children[name].pid})")
+
+    def _redis_restart(self) -> Restart:
+        return self.restarts.setdefault(REDIS, Restart(ProcessSpec(REDIS, (REDIS,)), first_delay=REDIS_RESTART_FIRST_S))
+
+    def _supervise_redis(self, now: float, say: Callable[[str], None]) -> None:
+        """Start the embedded Redis again when the one this stack started has exited (a reused one is not ours)."""
+        server = self.redis
+        if server is None or server.reused:
+            return
+        restart = self._redis_restart()
+        if restart.due is None:
+            code = server.exit_code()
+            if code is None:
+                return
+            delay = restart.schedule(now)
+            say(f"xnai up: redis exited ({_exit_text(code)}); {_restarting(delay)}")
+            log.warning("redis exited (%s); restarting in %.0f s", _exit_text(code), delay)
+        if now < (restart.due or now):
+            return
+        restart.due = None
+        try:
+            server.restart()
+        except RedisServerError as exc:
+            delay = restart.schedule(time.monotonic())
+            say(f"xnai up: redis did not start ({exc}); {_restarting(delay)}")
+            return
+        restart.started = time.monotonic()
+        say(f"xnai up: redis restarted (pid {server.process.pid if server.process else '?'})")
 
     def stop(self) -> None:
         """Stop every child's process group, then Redis. A second signal cannot interrupt it."""
@@ -258,15 +295,24 @@ class Restart:
     spec: ProcessSpec
     _: KW_ONLY
     started: float = 0.0
-    delay: float = 0.0
+    delay: float | None = None
     due: float | None = None
+    first_delay: float = RESTART_FIRST_S
 
     def schedule(self, now: float) -> float:
-        """Set the next start: the first delay after a stable run, else twice the last one (capped)."""
+        """Set the next start: the first delay after a stable run, else twice the last one (at least
+        RESTART_FIRST_S, capped)."""
         stable = now - self.started >= RESTART_STABLE_S
-        self.delay = RESTART_FIRST_S if stable or not self.delay else min(self.delay * 2, RESTART_MAX_S)
+        if stable or self.delay is None:
+            self.delay = self.first_delay
+        else:
+            self.delay = min(max(self.delay * 2, RESTART_FIRST_S), RESTART_MAX_S)
         self.due = now + self.delay
         return self.delay
+
+
+def _restarting(delay: float) -> str:
+    return f"restarting in {delay:.0f} s" if delay else "restarting now"
 
 
 def _exit_text(code: int) -> str:

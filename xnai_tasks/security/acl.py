@@ -81,6 +81,11 @@ DATA_COMMANDS: Final = (
     "zadd", "zrem", "zrange", "zrangebyscore", "zcount",
     "lrange", "ltrim",
 )  # fmt: skip
+#: The breaker's and the model pool's Lua scripts (xnai_tasks/resilience) beyond DATA_COMMANDS: the pool's
+#: sorted set of leases is pruned, counted and looked up inside them.
+RELIABILITY_COMMANDS: Final = ("zremrangebyscore", "zcard", "zscore")
+#: The response cache: the copilot trims its record of hits to the newest (xnai_tasks/cache/client_side.py).
+CACHE_COMMANDS: Final = ("zremrangebyrank",)
 #: Extra read commands on the curation role's memory bank.
 BANK_COMMANDS: Final = ("hgetall", "hmget", "hlen", "hexists", "scard", "zcard", "zscore")
 #: Flower consumes only its own control-reply queues (no ack emulation: no unacked keys, no SET) and
@@ -173,9 +178,15 @@ def role_keys(role: str) -> tuple[str, ...]:
         c.deaths_key(role),
         c.model_verdicts_key(role),
         c.control_nonce_pattern(role),
+        c.breaker_pattern(role),  # its own circuit breakers and their probe tokens
+        c.pool_pattern(role),  # its own model leases
+        c.throughput_pattern(role),  # its recent throughput, counted by its pool processes
+        c.cache_role_pattern(role),  # its own response cache: entries, index, sizes, counts (xnai_tasks/cache)
     ]
     if role == "curation":
         keys.append(f"{BANK_KEY_PREFIX}*")
+    if role == "copilot":
+        keys.append(c.workflow_pattern())  # the records of the workflows it runs (xnai_tasks/workflow)
     return tuple(keys)
 
 
@@ -224,14 +235,19 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
             fanout_channel(PIDBOX_EXCHANGE, db),  # inspect/ping/control broadcasts
         ]
     elif user in c.ROLES:
-        commands = [*CONSUME_COMMANDS, *DATA_COMMANDS, *TRANSACTION_COMMANDS]
+        commands = [*CONSUME_COMMANDS, *DATA_COMMANDS, *TRANSACTION_COMMANDS, *RELIABILITY_COMMANDS, *CACHE_COMMANDS]
         if user == "curation":
             commands += BANK_COMMANDS
         keys += [f"~{k}" for k in (*role_keys(user), *control_keys(), *own_result_keys(user))]
+        keys += _cache_touches(user, _is_modern(server_version))
         if user == "copilot":
             # every role's results, read-only: the copilot waits for them and polls chords, but a result
             # in a role's namespace is always that role's own (the memory guard counts it as the role's)
             keys += [f"{'%R~' if modern else '~'}{k}" for k in result_keys()]
+            # every role's recent throughput, read-only: the retry-after of a submit refused at a full queue
+            keys += [f"{'%R~' if modern else '~'}{c.throughput_pattern(r)}" for r in c.ROLES if r != user]
+            # every role's response cache and model checksums, read-only: exact hits are served before enqueue
+            keys += [f"{'%R~' if modern else '~'}{k}" for r in c.ROLES if r != user for k in _cache_reads(r)]
             pushed: list[str] = []
             for role in c.ROLES:
                 if role == user:
@@ -239,8 +255,9 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
                 pushed += queue_patterns(c.queue_for(role))
                 keys += [f"~{k}" for k in binding_keys(role)]  # declare the role's binding on publish
             if modern:  # produce: a selector allows LPUSH (and LLEN, which kombu's declare runs) on role
-                # queues and nothing else there: no pop, no read of messages, no LTRIM or DEL
-                selectors.append("(" + " ".join([*(f"~{k}" for k in pushed), "+lpush", "+llen"]) + ")")
+                # queues and nothing else there: no pop, no read of messages, no LTRIM or DEL; EVALSHA for the
+                # capped push (admission/channel.py), whose script runs only LLEN and LPUSH on those lists
+                selectors.append("(" + " ".join([*(f"~{k}" for k in pushed), "+lpush", "+llen", "+evalsha"]) + ")")
             else:
                 keys += [f"~{k}" for k in pushed]
         channels = list(worker_channels(user, db))
@@ -250,9 +267,23 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
     return [*keys, *(f"&{ch}" for ch in channels), "-@all", *(f"+{cmd}" for cmd in _unique(commands)), *selectors]
 
 
+def _cache_touches(user: str, modern: bool) -> list[str]:
+    """A worker role reads when the copilot last served each of its cache entries: its eviction order."""
+    return [] if user == "copilot" else [f"{'%R~' if modern else '~'}{c.cache_touch_key(user)}"]
+
+
+def _cache_reads(role: str) -> tuple[str, ...]:
+    """What the copilot reads of another role to serve its cached answers: the cache, the models' checksums."""
+    return (c.cache_role_pattern(role), c.model_verdicts_key(role))
+
+
 def password_hash(password: str) -> str:
     """The form Redis stores: ``#`` and the SHA-256 of the password, so the ACL file holds no plaintext."""
     return "#" + hashlib.sha256(password.encode()).hexdigest()
+
+
+#: The ``default`` user: off, no password (no connection can be it), every right (see :func:`render_acl`).
+DEFAULT_USER_LINE: Final = "user default off resetpass allkeys allchannels +@all"
 
 
 def render_acl(
@@ -266,7 +297,10 @@ def render_acl(
     With ``passwords`` None every password shows as ``#<hash>`` (for display: ``xnai acl render``).
     ``db`` is the Redis database (it names the PUB/SUB channels); ``server_version`` picks the syntax.
     """
-    lines = ["user default off resetpass resetkeys resetchannels -@all"]  # an ACL file has no comments
+    # an ACL file has no comments. The default user is off with no password: nobody can log in as it. Its
+    # rules are all, because Redis 7 checks an EXEC replayed from the AOF at start against them (redis/redis#14541):
+    # with none, every MULTI/EXEC (kombu's unacked entries, results and their nonces) is dropped on a restart.
+    lines = [DEFAULT_USER_LINE]
     for user in USERS:
         secret = "#<hash>" if passwords is None else password_hash(passwords[user])
         # reset first: a rule from an earlier file never survives; resetchannels: 6.2 defaults to &*

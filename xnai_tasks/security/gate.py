@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import redis
@@ -31,7 +32,7 @@ from xnai_tasks.security import limits
 from xnai_tasks.security.keyring import Keyring, shared_keyring
 from xnai_tasks.security.ledger import claim_nonce
 from xnai_tasks.security.message_signature import Verified, nonce_ttl_s, verify_message
-from xnai_tasks.security.refusal import Reason
+from xnai_tasks.security.refusal import Reason, show
 from xnai_tasks.settings import Settings, process_settings
 from xnai_tasks.worker.dead_letters import dead_letter
 from xnai_tasks.worker.deliveries import DeliveryLedger
@@ -115,6 +116,22 @@ class RefusalNotice:
         return count <= REFUSAL_RESULTS_PER_MINUTE
 
 
+def check_deadline(headers: dict[str, Any], now: float) -> None:
+    """Refuse (``deadline``) a message whose signed ``expires`` has passed: nobody waits for its result any more."""
+    expires = headers.get("expires")
+    if not expires:
+        return
+    try:
+        deadline = datetime.fromisoformat(str(expires))
+    except ValueError:
+        raise MessageRejected(Reason.MALFORMED, f"expires {show(expires)} is not an ISO 8601 time") from None
+    if deadline.tzinfo is None:
+        deadline = deadline.replace(tzinfo=UTC)
+    late = now - deadline.timestamp()
+    if late > 0:
+        raise MessageRejected(Reason.DEADLINE, f"its expires passed {late:.1f} s before a worker took it; not run")
+
+
 def check_role(headers: dict[str, Any], queues: frozenset[str]) -> str:
     """The role of the message's task, which must be one whose queue this worker consumes (``cline.*`` only
     from ``cline``); :class:`MessageRejected` otherwise."""
@@ -134,7 +151,7 @@ class MessageGate:
 
     Checks, in order: the task belongs to a consumed queue; the Ed25519 signature over body and headers
     is valid, by a known, unrevoked key that may dispatch this task to this role, not too old, not from
-    the future; the nonce was not used before (replay).
+    the future; its ``expires`` has not passed (deadline); the nonce was not used before (replay).
     """
 
     def __init__(
@@ -181,6 +198,7 @@ class MessageGate:
             max_age_s=self.settings.max_message_age,
             role=role,
         )
+        check_deadline(headers, time.time())  # after the signature: expires is one of the signed headers
         redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
         # checked first: a copy of a finished message never touches its result
         claim_nonce(self._redis, role, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)

@@ -2,16 +2,14 @@
 
 Keys are per role (``xnai:nonce:ROLE:NONCE``, :func:`xnai_tasks.core.constants.nonce_key`), so only the role
 that consumed a message (its ACL user) can touch its nonce. The gate claims (:func:`claim_nonce`); the
-result backend marks a task's nonce done in the pipeline that stores its final result (through this
-process's :class:`NonceFinisher`); ``task_postrun`` marks it otherwise (:func:`finish_task`).
+result backend marks a task's nonce done in the script that stores its final result
+(:mod:`.result_store`, telling this process's :class:`NonceFinisher`); ``task_postrun`` marks it otherwise
+(:func:`finish_task`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -73,33 +71,18 @@ def finish_nonce(conn: redis.Redis, nonce_key: str) -> None:
 class NonceFinisher:
     """This process's side of marking nonces done: with the final result, or after the task.
 
-    While the result backend stores a task's final result, :meth:`storing` names that task's nonce to
-    this thread, and the backend adds "mark it done" to the same pipeline (:meth:`nonce_to_finish`,
-    :meth:`finished_with_result`); ``task_postrun`` then has nothing left to do. A task whose result is
-    not stored that way (ignored results, a failure before storing) is marked by :meth:`after_task`.
+    The result backend marks a running task's nonce (:func:`running_nonce_key`) done in the script that stores
+    its final result and says so (:meth:`finished_with_result`); ``task_postrun`` then has nothing left to do.
+    A task whose result is not stored that way (ignored results, a failure before storing) is marked by
+    :meth:`after_task`.
     """
 
     def __init__(self) -> None:
-        self._storing = threading.local()
         self._finished: set[str] = set()
         self._conn: redis.Redis | None = None
 
-    @contextmanager
-    def storing(self, task_id: str, *, final: bool) -> Iterator[None]:
-        """Within the block this thread stores ``task_id``'s result (its final one when ``final``)."""
-        self._storing.nonce = running_nonce_key(task_id) if final else None
-        try:
-            yield
-        finally:
-            self._storing.nonce = None
-
-    def nonce_to_finish(self) -> str | None:
-        """The ledger key to mark done with the result this thread is storing, if any."""
-        nonce_key: str | None = getattr(self._storing, "nonce", None)
-        return nonce_key
-
     def finished_with_result(self, nonce_key: str) -> None:
-        """The nonce was marked done in the result's pipeline."""
+        """The nonce was marked done with the result."""
         self._finished.add(nonce_key)
 
     def after_task(self, task: Any) -> None:
@@ -124,6 +107,13 @@ class NonceFinisher:
 finisher = NonceFinisher()
 
 
-def finish_task(sender: Any = None, **_: Any) -> None:
-    """Celery's ``task_postrun``: mark the task's nonce done unless its result already did."""
+def finish_task(sender: Any = None, state: str | None = None, **_: Any) -> None:
+    """Celery's ``task_postrun``: mark the task's nonce done unless its result already did.
+
+    Not for a task with no outcome (``state`` None): its process was told to exit while it ran (Celery terminates
+    the running tasks of a worker that lost its broker) and its message will be delivered again, which a done
+    nonce would refuse as a replay.
+    """
+    if state is None:
+        return
     finisher.after_task(sender)

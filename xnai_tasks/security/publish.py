@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
+from xnai_tasks.core import constants as c
 from xnai_tasks.security.keyring import SignerSource
 from xnai_tasks.security.message_signature import sign_message
 from xnai_tasks.security.signature import SIG_HEADER
@@ -76,11 +77,21 @@ def process_source() -> SignerSource | None:
     return _signers.process
 
 
+#: The queues a signature can be good for: a worker verifies a message only on its role's own queue.
+SIGNED_QUEUES: Final = frozenset(c.queue_for(role) for role in c.ROLES)
+
+
 def sign_outgoing(
     body: Any = None, headers: dict[str, Any] | None = None, routing_key: str | None = None, **_: Any
 ) -> None:
-    """Add the signature header to every task message this process publishes (retries re-sign)."""
+    """Add the signature header to every task message this process publishes to a role queue (retries re-sign).
+
+    A message to any other queue (another Celery app's, in the same process) is left alone: none of our
+    workers could accept it, so a signature would only be work and a key's signature handed out.
+    """
+    if routing_key not in SIGNED_QUEUES or headers is None:
+        return
     source = current_source()
-    if source is None or headers is None:
+    if source is None:
         return  # unsigned: every worker refuses it
-    headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key or "")
+    headers[SIG_HEADER] = sign_message(source.get(), headers=headers, body=body, queue=routing_key)

@@ -25,6 +25,8 @@ class Reason(StrEnum):
     EXPIRED = "expired"
     FUTURE = "future"
     REPLAY = "replay"
+    #: Its ``expires`` (the caller's deadline) passed before a worker took it: nobody waits for it any more.
+    DEADLINE = "deadline"
     #: Not a verdict on the message: its workers kept dying (``worker/deliveries.py``), so it is given up on.
     WORKER_LOST = "worker_lost"
 

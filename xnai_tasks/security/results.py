@@ -1,13 +1,17 @@
 """The signed result backend: every stored task result carries the producing worker's signature.
 
 Each role stores its results in a namespace of its own; a result published on the channel counts only if
-its signature is good. The replay ledger's "done" mark rides in the same pipeline (:mod:`.ledger`).
+its signature is good. A task result is stored in one round trip (:mod:`.result_store`): the replay ledger's
+"done" mark (:mod:`.ledger`) and the role's throughput count ride in the same script.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,14 +19,17 @@ from typing import Any
 
 from celery import states
 from celery.backends.redis import RedisBackend, ResultConsumer
+from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from xnai_tasks.admission.throughput import BUCKET_TTL_S, recorder
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError
 from xnai_tasks.security.keyring import shared_keyring
-from xnai_tasks.security.ledger import NONCE_DONE, finisher
+from xnai_tasks.security.ledger import finisher, running_nonce_key
 from xnai_tasks.security.publish import process_source
 from xnai_tasks.security.result_signature import sign_result, verify_result
+from xnai_tasks.security.result_store import ResultStore, Riders
 from xnai_tasks.security.signature import SIG_HEADER
 
 log = logging.getLogger(__name__)
@@ -40,12 +47,92 @@ class VerifiedBy:
 
 class VerifyingResultConsumer(ResultConsumer):  # type: ignore[misc]
     """Celery's result consumer, but a published result counts only if its signature is good, and it
-    listens on every role's channel of a task a reader waits for (see :meth:`SignedRedisBackend.result_keys`)."""
+    listens on every role's channel of a task a reader waits for (see :meth:`SignedRedisBackend.result_keys`).
+
+    It outlives a Redis restart. Celery retries a lost pub/sub connection for a few seconds, then gives up for
+    good ("must be restarted", also from ``AsyncResult.__del__`` at exit). Here a lost connection drops the
+    pub/sub and the error goes to the caller, who decides how long to wait (``TaskHandle.get``: within its
+    timeout); the next drain or subscribe subscribes again to every channel still wanted, and after any
+    reconnect (ours, or redis-py's own) the results stored meanwhile are read, since nobody heard them published.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._decode_result = self.backend.decode_authentic
         self._stopped = False
+        self._catch_up = False
+
+    @contextlib.contextmanager
+    def reconnect_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except TimeoutError:  # a poll that timed out, not a lost connection
+            raise
+        except self._connection_errors:
+            self._drop_pubsub()
+            raise
+
+    def start(self, initial_task_id: Any, **kwargs: Any) -> None:
+        super().start(initial_task_id, **kwargs)
+        self._watch_reconnects()
+
+    def consume_from(self, task_id: Any) -> None:
+        if self._pubsub is None and self.subscribed_to:
+            self._resubscribe()
+        super().consume_from(task_id)
+
+    def drain_events(self, timeout: float | None = None) -> None:
+        if self._pubsub is None and self.subscribed_to:
+            self._resubscribe()
+        self._read_stored_after_reconnect()
+        super().drain_events(timeout)
+        self._read_stored_after_reconnect()
+
+    def _resubscribe(self) -> None:
+        """A new pub/sub on every channel still wanted; what was stored meanwhile is read next."""
+        with self._locked():
+            self._drop_pubsub()
+            self.subscribed_to -= self._pending_unsubscribe
+            self._pending_unsubscribe.clear()
+            pubsub = self.backend.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*sorted(self.subscribed_to))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    pubsub.reset()
+                raise
+            self._pubsub = pubsub
+            self._watch_reconnects()
+            self._catch_up = True
+
+    def _watch_reconnects(self) -> None:
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None:
+            connection.register_connect_callback(self._on_reconnect)
+
+    def _on_reconnect(self, connection: Any) -> None:
+        self._catch_up = True  # redis-py subscribed again by itself: results published meanwhile went unheard
+
+    def _read_stored_after_reconnect(self) -> None:
+        """After a reconnect: the stored state of every task waited on (subscribed first, so none slips between)."""
+        if not self._catch_up:
+            return
+        keys = sorted(self.subscribed_to)
+        stored = self.backend.client.mget(keys) if keys else []
+        self._catch_up = False
+        for raw in stored:
+            if raw:
+                self.on_state_change(self._decode_result(raw), None)
+
+    def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is None:
+            return
+        connection = getattr(pubsub, "connection", None)
+        with contextlib.suppress(Exception):
+            if connection is not None:
+                connection.deregister_connect_callback(self._on_reconnect)
+            pubsub.reset()
 
     def _consume_from(self, task_id: Any) -> None:
         for key in self.backend.result_keys(task_id):
@@ -61,7 +148,10 @@ class VerifyingResultConsumer(ResultConsumer):  # type: ignore[misc]
             self.subscribed_to.difference_update(keys)
             return
         self._pending_unsubscribe.update(keys)
-        self._flush_pending_unsubscribe()
+        # The broker gone, so is the subscription (a new one subscribes only what is still wanted): never an
+        # error here, which runs from AsyncResult.__del__, at interpreter exit too.
+        with contextlib.suppress(*self._connection_errors):
+            self._flush_pending_unsubscribe()
 
     def stop(self) -> None:
         self._stopped = True
@@ -80,8 +170,9 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
     every role's. A role keeps no chord counters: chords are joined by the copilot, which polls their
     header results (Celery's ``celery.chord_unlock``, sent to the copilot's queue).
 
-    When a task's final state is stored, the same pipeline also marks its nonce done (see
-    :func:`finish_nonce`), saving the replay ledger a round trip per task.
+    A signed task result is stored by one script (:mod:`.result_store`): Celery's "keep a stored success"
+    read, the write and the publish, and with the final state the task's nonce marked done and its end
+    counted, in one round trip instead of three.
     """
 
     ResultConsumer = VerifyingResultConsumer
@@ -93,6 +184,12 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
         if url is None and app is not None and app.conf.result_backend:
             url = redis_backend_url(str(app.conf.result_backend))
         super().__init__(*args, url=url, **kwargs)
+        #: What rides with the signed result this thread is storing (None: a plain store, Celery's own).
+        self._riding = threading.local()
+
+    @cached_property
+    def _result_store(self) -> ResultStore:
+        return ResultStore(self.client)
 
     @cached_property
     def writer_role(self) -> str:
@@ -219,37 +316,63 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
         self.client.publish(key, value)
         return True
 
+    def _store_result(
+        self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
+    ) -> Any:
+        """Celery's, without its read of the stored result first when this process signs: the store script
+        keeps a stored success itself, atomically and in the same round trip (:mod:`.result_store`)."""
+        if process_source() is None:
+            return super()._store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = _text(task_id)
+        try:
+            self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        except BackendStoreError as exc:
+            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        return result
+
     def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
         source = process_source()
-        name = key.decode() if isinstance(key, bytes) else str(key)
+        name = _text(key)
         if source is None or not name.startswith(c.RESULT_KEY_PREFIX):
             return super()._set_with_state(key, value, state)
         meta = json.loads(value)
+        task_id = str(meta.get("task_id"))
         meta[SIG_HEADER] = sign_result(
-            source.get(), task_id=str(meta.get("task_id")), status=str(meta.get("status")), result=meta.get("result")
+            source.get(), task_id=task_id, status=str(meta.get("status")), result=meta.get("result")
         )
-        with finisher.storing(str(meta.get("task_id")), final=state in states.READY_STATES):
-            return super()._set_with_state(key, json.dumps(meta), state)
+        riders = _riders(task_id, state)
+        self._riding.riders = riders
+        try:
+            stored = super()._set_with_state(key, json.dumps(meta), state)
+        finally:
+            self._riding.riders = None
+        if riders.nonce_key is not None:
+            finisher.finished_with_result(riders.nonce_key)
+        if riders.count_key is not None:
+            recorder.counted_with_result(task_id)
+        return stored
 
     def _set(self, key: Any, value: Any, expires: int | None = None) -> None:
-        """Store and publish the result, and mark the task's nonce done, in one pipeline."""
-        expires = self.expires if expires is None else expires
-        with self.client.pipeline() as pipe:
-            if expires:
-                pipe.setex(key, expires, value)
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
-            nonce_key = finisher.nonce_to_finish()
-            if nonce_key is not None:
-                pipe.set(nonce_key, NONCE_DONE, xx=True, keepttl=True)
-            pipe.execute()
-        if nonce_key is not None:
-            finisher.finished_with_result(nonce_key)
+        """A signed task result by the store script (with what rides along); anything else as Celery does."""
+        riders = getattr(self._riding, "riders", None)
+        if riders is None:
+            super()._set(key, value, expires)
+            return
+        self._result_store.store(_text(key), value, self.expires if expires is None else expires, riders)
 
 
 def _text(value: Any) -> str:
     return str(bytes_to_str(value))
+
+
+def _riders(task_id: str, state: str) -> Riders:
+    """With the final result of the task this process runs: its nonce marked done, its end counted."""
+    if state not in states.READY_STATES:
+        return Riders()
+    return Riders(
+        nonce_key=running_nonce_key(task_id), count_key=recorder.key_for_result(task_id), count_ttl_s=BUCKET_TTL_S
+    )
 
 
 def _latest(values: list[Any]) -> Any:

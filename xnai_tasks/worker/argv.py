@@ -16,13 +16,16 @@ def default_concurrency(settings: Settings, role: str) -> int:
 
 
 def worker_argv(settings: Settings, role: str, *, concurrency: int, beat: bool) -> list[str]:
-    """The ``celery worker`` arguments for a role."""
+    """The ``celery worker`` arguments for a role (a batching one: task threads, see xnai_tasks/batching)."""
+    from xnai_tasks.batching.runtime import batches, task_threads
+
+    pool = "threads" if batches(settings, role) else "prefork"
     argv = [
         "worker",
         f"--queues={c.queue_for(role)}",
         f"--hostname={c.worker_hostname(role)}",
-        f"--concurrency={concurrency}",
-        "--pool=prefork",
+        f"--concurrency={task_threads(settings) if pool == 'threads' else concurrency}",
+        f"--pool={pool}",
         f"--loglevel={settings.log_level}",
         "--task-events",
         "--without-gossip",

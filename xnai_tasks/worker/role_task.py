@@ -6,9 +6,10 @@ it can only land in its own queue.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from celery import Task
@@ -31,13 +32,29 @@ class RoleTask(Task):  # type: ignore[misc]
     retry_backoff_max = celeryconfig.RETRY_BACKOFF_MAX_S
     retry_jitter = True
     max_retries = celeryconfig.RETRY_MAX
-    #: Counts the deaths of the process running a message and stops redelivering it at XNAI_MAX_DELIVERIES.
-    Request = "xnai_tasks.worker.deliveries:LostWorkerRequest"
+    #: Counts the deaths of the process running a message and stops redelivering it at XNAI_MAX_DELIVERIES;
+    #: cancelled because the broker connection was lost, it stores no RETRY state (resilience/reconnect.py).
+    Request = "xnai_tasks.resilience.reconnect:CancellableRequest"
 
     @property
     def role(self) -> str:
         """The role this task belongs to: the prefix of its name."""
         return c.role_of_task(str(self.name))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task, unless a close earlier request answers it (``cache="semantic"``, xnai_tasks/cache)."""
+        from xnai_tasks.cache.worker_side import semantic_answer
+
+        role, short = c.split_task_name(str(self.name))
+        answer = semantic_answer(self, role, short, kwargs) if not args else None
+        return answer if answer is not None else super().__call__(*args, **kwargs)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Store the answer in the response cache when its request asked for it (xnai_tasks/cache)."""
+        from xnai_tasks.cache.worker_side import store_answer
+
+        role, short = c.split_task_name(str(self.name))
+        store_answer(self, role, short, task_id, kwargs or {}, retval)
 
 
 def role_task(role: str, **options: Any) -> Callable[[F], F]:
@@ -79,7 +96,7 @@ def check_call(role: str, task: str, kwargs: Mapping[str, Any]) -> None:
     (:func:`role_tasks` imported its module).
     """
     name = c.task_name(role, task)
-    params = list(inspect.signature(app.tasks[name].run).parameters.values())  # bound: no ``self``
+    params = _parameters(app.tasks[name].run)
     by_name = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     missing = [param for param in required if param not in kwargs or param not in by_name]
@@ -95,7 +112,13 @@ def check_call(role: str, task: str, kwargs: Mapping[str, Any]) -> None:
         raise UsageError(f"{name} takes {_describe_parameters(params)}: {'; '.join(problems)}")
 
 
-def _describe_parameters(params: list[inspect.Parameter]) -> str:
+@functools.lru_cache(maxsize=256)
+def _parameters(run: Callable[..., Any]) -> tuple[inspect.Parameter, ...]:
+    """The parameters of a task's ``run`` (bound: no ``self``), worked out once per task, not per submit."""
+    return tuple(inspect.signature(run).parameters.values())
+
+
+def _describe_parameters(params: Sequence[inspect.Parameter]) -> str:
     """``prompt, max_tokens=...``: the parameters a caller may pass, required ones bare."""
     words = []
     for param in params:

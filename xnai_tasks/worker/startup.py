@@ -30,6 +30,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from xnai_tasks.errors import BrokerUnreachableError, XnaiError
+from xnai_tasks.models import prompt_cache
 from xnai_tasks.models.holder import ModelHolder
 from xnai_tasks.models.inference import Generation
 from xnai_tasks.models.loading import LLM, set_encoder_threads, set_llm_threads
@@ -103,7 +104,7 @@ def using(holder: ModelHolder[T], timer: Timer) -> Iterator[T]:
 
 
 def generation_report(holder: ModelHolder[LLM], out: Generation, timer: Timer) -> dict[str, Any]:
-    """The fields every LLM task returns: model, prompt format, token counts, finish reason, timings."""
+    """The fields every LLM task returns: model, prompt format, token counts, finish reason, timings, prompt cache."""
     timings = timer.as_dict()
     generate_s = timings.get("generate_s", 0.0)
     return {
@@ -114,6 +115,7 @@ def generation_report(holder: ModelHolder[LLM], out: Generation, timer: Timer) -
         "completion_tokens": out["completion_tokens"],
         "finish_reason": out["finish_reason"],
         "timings": timings | {"tokens_per_s": round(out["completion_tokens"] / max(generate_s, 1e-9), 1)},
+        "prompt_cache": prompt_cache.report(holder.get()) if holder.loaded else None,
     }
 
 
@@ -190,6 +192,7 @@ def publish_verdicts(redis_url: str, role: str) -> None:
         holder.model.name: json.dumps(
             {
                 "kind": holder.model.kind,
+                "sha256": holder.model.sha256,  # the response cache keys answers by it (xnai_tasks/cache)
                 "probe": holder.probe,
                 "load_options": holder.load_options,
                 "unavailable": holder.unavailable,
@@ -268,15 +271,25 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     except BrokerUnreachableError as exc:
         _fatal(role, exc, exc.exit_code)
         return
+    from xnai_tasks.batching import runtime as batching
+
+    # a batching worker (XNAI_BATCH) is one process whose pool threads are task threads, not processes
+    threaded = batching.batches(process_settings(), role) and batching.is_thread_pool(sender)
     try:
-        applied = start_role(role, given)[0]
+        applied = start_role(role, 1 if threaded else given)[0]
     except XnaiError as exc:
         _fatal(role, exc)
         return
-    if sender is not None and given is None and _state.explicit_concurrency != "auto":
+    if sender is not None and given is None and _state.explicit_concurrency != "auto" and not threaded:
         sender.concurrency = applied.processes
     if sender is not None:
         publish_verdicts(str(sender.app.conf.broker_url), role)
+    if threaded:
+        batching.start(
+            process_settings(),
+            applied.threads_per_process,
+            lambda: using(registry(batching.BATCHED_ROLE).encoder, Timer()),
+        )
 
 
 def freeze_before_fork(**_: Any) -> None:
