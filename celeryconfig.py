@@ -129,7 +129,8 @@ def build(settings: Settings, role: str | None = None) -> dict[str, Any]:
         "task_soft_time_limit": settings.soft_time_limit,
         "beat_schedule_filename": str(settings.home / c.BEAT_SCHEDULE_FILE),
         "beat_schedule": {
-            "check-services": {"task": "copilot.check_services", "schedule": 60.0},
+            # services, RAM and queue pressure (workers/copilot.py, xnai_tasks/ops/resources.py)
+            "check-services": {"task": "copilot.check_services", "schedule": float(settings.copilot_every_s)},
             **beat_entries(settings.schedule),  # XNAI_SCHEDULE: workflows (xnai_tasks/workflow/schedule.py)
         },
         "worker_hijack_root_logger": False,

@@ -1,6 +1,7 @@
-"""Workflows on the session stack (real workers, real models): research, code (its retry path), review, a failing
-step that cancels the rest, provenance checked at search time (and a tampered chunk caught), ``xnai run`` and
-``xnai runs`` as subprocesses, and the beat schedule read from XNAI_SCHEDULE.
+"""Workflows on the session stack (real workers, real models): research, code (its retry path), review (its parallel
+steps one signed Celery group), a failing step that cancels the rest of its group, provenance checked at search time
+(and a tampered chunk caught), ``xnai run`` and ``xnai runs`` as subprocesses, and the beat schedule read from
+XNAI_SCHEDULE.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def test_research_searches_answers_writes_up_and_indexes(research: dict[str, Any
         ("index", "curation"),
     ]
     assert all(step["task_id"] and step["seconds"] > 0 for step in research["steps"])
+    assert all(step["group_id"] is None for step in research["steps"])  # sequential: single submits, no canvas
     result = research["result"]
     assert result["answer"] and result["writeup"]
     assert "wf-prefork" in [source["id"] for source in result["sources"]]  # grok was given the relevant chunk
@@ -172,6 +174,16 @@ def test_review_runs_analysis_and_evidence_in_parallel_and_merges(client: Client
         ("evidence:PostgreSQL", "curation"),
         ("evidence:SQLite", "curation"),
     ]
+    # and the three went out as one signed Celery group: one group id, recorded with each step of the stored run
+    stored = store_of(client).load(record["run_id"])
+    assert stored is not None
+    groups = {step["group_id"] for step in stored["steps"]}
+    assert len(groups) == 1 and None not in groups
+    # and each step's result is still verified by its role's signature, its worker having run it as a group member
+    for step in stored["steps"]:
+        handle = client.handle(step["task_id"], step["role"], step["task"])
+        assert handle.get(timeout=10) is not None
+        assert handle.stored().get("group_id") == step["group_id"]
     merged = {row["name"]: row for row in record["result"]["options"]}
     assert set(merged) == {"SQLite", "PostgreSQL"}
     assert "wf-sqlite" in [e["id"] for e in merged["SQLite"]["evidence"]]
@@ -189,6 +201,9 @@ def test_a_failed_step_cancels_the_others_and_names_itself(client: Client) -> No
     assert record is not None and record["state"] == "failed"
     outcomes = {step["name"]: step["outcome"] for step in record["steps"]}
     assert outcomes == {"analyze": "failed", "evidence:SQLite": "cancelled"}
+    # and the cancelled one was a member of the failed step's group
+    groups = {step["group_id"] for step in record["steps"]}
+    assert len(groups) == 1 and None not in groups
 
 
 def test_a_step_that_times_out_is_skipped_if_optional_and_fails_the_run_if_not(client: Client) -> None:
@@ -230,7 +245,7 @@ def test_xnai_run_research_json_then_xnai_runs(
     out = json.loads(done.stdout)
     assert (out["workflow"], out["state"]) == ("research", "succeeded")
     assert [step["name"] for step in out["steps"]] == ["search", "synthesize", "document", "index"]
-    assert all({"name", "role", "task_id", "outcome", "seconds"} <= set(step) for step in out["steps"])
+    assert all({"name", "role", "task_id", "outcome", "seconds", "group_id"} <= set(step) for step in out["steps"])
     assert out["result"]["answer"]
     # When `xnai runs --json`; Then both runs are listed, newest first, with their state
     listed = run_xnai(["runs", "--json"], stack_settings)
@@ -261,7 +276,7 @@ def test_beat_runs_the_workflows_of_xnai_schedule(stack_settings: Settings) -> N
     # When Celery's configuration is built; Then beat sends copilot.run_workflow with it every hour
     entry = build(settings)["beat_schedule"]["workflow-nightly"]
     assert entry["task"] == "copilot.run_workflow" and entry["schedule"] == 3600.0
-    assert entry["kwargs"] == {"workflow": "research", "kwargs": {"topic": "prefork"}}
+    assert entry["kwargs"] == {"workflow": "research", "kwargs": {"topic": "prefork"}, "schedule": "nightly"}
     assert beat_entries(None) == {}
     # and a bad schedule is refused in one line naming the variable
     for bad in ("[1]", '{"n": {"workflow": "research", "every_s": 1}}', '{"n": {"flow": "x"}}'):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ from xnai_tasks.worker.memory_bank import connection
 from xnai_tasks.worker.role_task import RoleTask, register_diagnostics, role_task
 
 ROLE = "copilot"
+log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 1.0
 
 register_diagnostics(ROLE)
@@ -31,25 +33,46 @@ def check_services(self: RoleTask) -> dict[str, Any]:
             if role in online:
                 online[role].append(node)
     missing = [role for role, nodes in online.items() if not nodes]
+    decisions = _tend_resources(self, online) if redis_ok else []
     return {
         "redis": {"reachable": redis_ok, "error": redis_error},
         "workers": {role: sorted(nodes) for role, nodes in online.items()},
         "healthy": redis_ok and not missing,
         "missing_roles": missing,
+        "decisions": decisions,
         "checked_at": time.time(),
         "timings": {"total_s": round(time.perf_counter() - start, 4)},
     }
 
 
+def _tend_resources(self: RoleTask, online: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """RAM and queue pressure: unload idle models, warm scheduled ones (xnai_tasks/ops/resources.py)."""
+    from xnai_tasks.ops.resources import tend
+    from xnai_tasks.settings import process_settings
+
+    try:
+        return tend(self.app, connection(), process_settings(), online)
+    except Exception as exc:  # the health check still answers; the next tick tries again
+        log.warning("copilot resource check failed: %s: %s", type(exc).__name__, exc)
+        return []
+
+
 @role_task(ROLE)
 def run_workflow(
-    self: RoleTask, workflow: str, kwargs: dict[str, Any] | None = None, run_id: str | None = None
+    self: RoleTask,
+    workflow: str,
+    kwargs: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    schedule: str | None = None,
 ) -> dict[str, Any]:
-    """Run a workflow from the copilot worker (beat's XNAI_SCHEDULE, ``xnai run``); its record (state, steps)."""
+    """Run a workflow from the copilot worker (beat's XNAI_SCHEDULE entry ``schedule``, ``xnai run``); its record."""
     from xnai_tasks.client.sync import Client
+    from xnai_tasks.ops.resources import mark_started
     from xnai_tasks.settings import process_settings
     from xnai_tasks.workflow.runner import run_workflow as run
 
+    if schedule is not None:
+        mark_started(connection(), schedule)
     client = Client(process_settings())
     try:
         return run(client, workflow, dict(kwargs or {}), run_id=run_id)

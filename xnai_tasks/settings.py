@@ -51,6 +51,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_KEEP_ALIVE", "300", "seconds a lazily loaded model stays in memory after its last use"),
     Variable("XNAI_MODEL_RAM_MB", "(no cap)", "most MiB of lazily loaded models one worker process may hold"),
     Variable("XNAI_THREADS", "(the plan)", "threads per pool process (llama.cpp and torch), overriding the plan"),
+    Variable("XNAI_COPILOT_EVERY_S", "60", "seconds between the copilot's checks of services, RAM and queues"),
+    Variable("XNAI_MIN_FREE_MB", "512", "below this much available RAM the copilot asks idle lazy models to unload"),
+    Variable("XNAI_PRELOAD_AHEAD_S", "120", "the copilot warms a scheduled workflow's roles this early (0: never)"),
     Variable("XNAI_PLAN", "(none)", 'JSON overrides of the plan per role, e.g. {"grok": {"processes": 2}}'),
     Variable(
         "XNAI_SCHEDULE",
@@ -168,6 +171,10 @@ class Settings:
     batch: bool = False
     batch_max_size: int = 32
     batch_max_wait_ms: int = 10
+    #: The copilot's resource checks (xnai_tasks/ops/resources.py): how often, the RAM floor, the preload lead.
+    copilot_every_s: int = 60
+    min_free_mb: int = 512
+    preload_ahead_s: int = 120
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -220,6 +227,9 @@ class Settings:
             batch=_choice(env, "XNAI_BATCH", "OFF", ("ON", "OFF")) == "ON",
             batch_max_size=_int(env, "XNAI_BATCH_MAX_SIZE", 32, 1, 1024),
             batch_max_wait_ms=_int(env, "XNAI_BATCH_MAX_WAIT_MS", 10, 0, 1000),
+            copilot_every_s=_int(env, "XNAI_COPILOT_EVERY_S", 60, 5, 3600),
+            min_free_mb=_int(env, "XNAI_MIN_FREE_MB", 512, 0, 1 << 24),
+            preload_ahead_s=_int(env, "XNAI_PRELOAD_AHEAD_S", 120, 0, 24 * 3600),
         )
         if settings.breaker_open_max < settings.breaker_open:
             raise SettingsError(
@@ -275,6 +285,9 @@ class Settings:
             "XNAI_BATCH": "on" if self.batch else "off",
             "XNAI_BATCH_MAX_SIZE": str(self.batch_max_size),
             "XNAI_BATCH_MAX_WAIT_MS": str(self.batch_max_wait_ms),
+            "XNAI_COPILOT_EVERY_S": str(self.copilot_every_s),
+            "XNAI_MIN_FREE_MB": str(self.min_free_mb),
+            "XNAI_PRELOAD_AHEAD_S": str(self.preload_ahead_s),
         }
         if self.task_modules:
             env["XNAI_TASK_MODULES"] = ",".join(self.task_modules)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, Signature
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -38,6 +38,8 @@ __all__ = ["REFUSALS", "Client", "TaskHandle"]
 
 #: Seconds ``submit(require_worker=True)`` waits for a worker of the role to answer its ping.
 WORKER_PING_S = 1.0
+#: How often kombu retries a publish the broker did not take (a canvas member is published the same way).
+RETRY_POLICY: dict[str, float] = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 class TaskHandle:
@@ -164,13 +166,9 @@ class Client:
         ``cache`` (off, exact, semantic; default: exact for a deterministic request) may answer it from the
         response cache: an exact hit is served here, nothing enqueued (xnai_tasks/cache).
         """
-        from xnai_tasks.cache.policy import CACHE_HEADER, cache_mode
-        from xnai_tasks.worker.role_task import check_call
+        from xnai_tasks.cache.policy import CACHE_HEADER
 
-        self._check(role, task)
-        check_call(role, task, kwargs)  # refused here (exit 2), not as a TypeError in the worker (exit 4)
-        check_arguments(f"{role}.{task}", kwargs)  # refused here (exit 2), never sent half-signed
-        mode = cache_mode(role, task, kwargs, cache, enabled=self.settings.cache)
+        mode = self._checked(role, task, kwargs, cache)
         keyring = self._ready()
         assert self._signer is not None  # set by _ready
         hit = self._cached(role, task, kwargs, keyring) if mode != "off" else None
@@ -178,7 +176,7 @@ class Client:
             return hit
         if require_worker:
             self._require_worker(role)
-        expires = min(expires_s or float(self.settings.task_expires), float(self.settings.max_message_age))
+        expires = self._expires(expires_s)
         task_id = uuid()
         self._expect(task_id, role)  # before sending: the result consumer subscribes while it sends
         try:
@@ -192,11 +190,51 @@ class Client:
                     expires=expires,
                     headers={CACHE_HEADER: mode},
                     retry=True,
-                    retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+                    retry_policy=RETRY_POLICY,
                 )
         except (OperationalError, RedisError, OSError) as exc:
             raise BrokerUnreachableError(f"could not enqueue {role}.{task}: {exc}") from None
         return TaskHandle(result, role, task, keyring)
+
+    def signature(
+        self, role: str, task: str, *, expires_s: float | None = None, cache: str | None = None, **kwargs: Any
+    ) -> tuple[Signature, TaskHandle]:
+        """``ROLE.TASK`` as a member of a canvas (a group), checked as :meth:`submit` checks, and its handle.
+
+        It goes to the role's queue with its own task id, expiry and cache header as :meth:`submit` sends them
+        (never answered from the cache here); the handle verifies its result by the role's signature. Publish it
+        inside :meth:`signing`.
+        """
+        from xnai_tasks.cache.policy import CACHE_HEADER
+
+        mode = self._checked(role, task, kwargs, cache)
+        task_id = uuid()
+        handle = self.handle(task_id, role, task)  # before sending: the result consumer subscribes while it sends
+        member = self.app.signature(
+            c.task_name(role, task),
+            kwargs=kwargs,
+            task_id=task_id,
+            queue=c.queue_for(role),
+            routing_key=role,
+            expires=self._expires(expires_s),
+            headers={CACHE_HEADER: mode},
+            retry=True,
+            retry_policy=RETRY_POLICY,
+        )
+        return member, handle
+
+    def _checked(self, role: str, task: str, kwargs: dict[str, Any], cache: str | None) -> str:
+        """Refuse a call that would fail in the worker (UsageError, before anything is sent); its cache mode."""
+        from xnai_tasks.cache.policy import cache_mode
+        from xnai_tasks.worker.role_task import check_call
+
+        self._check(role, task)
+        check_call(role, task, kwargs)  # refused here (exit 2), not as a TypeError in the worker (exit 4)
+        check_arguments(f"{role}.{task}", kwargs)  # refused here (exit 2), never sent half-signed
+        return cache_mode(role, task, kwargs, cache, enabled=self.settings.cache)
+
+    def _expires(self, expires_s: float | None) -> float:
+        return min(expires_s or float(self.settings.task_expires), float(self.settings.max_message_age))
 
     def _cached(self, role: str, task: str, kwargs: dict[str, Any], keyring: Keyring) -> TaskHandle | None:
         """An exact hit of the response cache, verified (xnai_tasks/cache/client_side.py); None: enqueue it."""

@@ -213,6 +213,28 @@ def workflow_run_key(run_id: str) -> str:
     return f"{WORKFLOW_PREFIX}run:{run_id}"
 
 
+# ---- The copilot's resource decisions (xnai_tasks/ops/resources.py): written by the copilot only ----
+
+COPILOT_PREFIX: Final = f"{XNAI_KEY_PREFIX}copilot:"
+#: Recent decisions kept (the oldest are dropped).
+COPILOT_DECISIONS_MAX: Final = 50
+
+
+def copilot_pattern() -> str:
+    """Every key of the copilot's resource decisions (the copilot's ACL)."""
+    return f"{COPILOT_PREFIX}*"
+
+
+def copilot_decisions_key() -> str:
+    """List of recent decisions as JSON (action, role, reason, at), newest first, trimmed to the max."""
+    return f"{COPILOT_PREFIX}decisions"
+
+
+def copilot_schedule_key() -> str:
+    """Hash: XNAI_SCHEDULE entry name -> when beat last started it (epoch seconds)."""
+    return f"{COPILOT_PREFIX}schedule"
+
+
 # ---- Worker deaths and model verdicts (issue: a task that kills its worker must not loop unseen) ----
 
 #: Recent worker-process deaths kept per role (newest first), for ``xnai status``.

@@ -19,7 +19,7 @@ def install_signals() -> None:
     from xnai_tasks.observability.logs import on_setup_logging
     from xnai_tasks.security.ledger import finish_task
     from xnai_tasks.security.publish import sign_outgoing
-    from xnai_tasks.worker import startup
+    from xnai_tasks.worker import model_control, startup
     from xnai_tasks.worker.role import decide_role
 
     connections: list[tuple[Any, Any]] = [
@@ -34,6 +34,8 @@ def install_signals() -> None:
         (signals.celeryd_after_setup, startup.freeze_before_fork),
         # Each pool child: its threads.
         (signals.worker_process_init, startup.on_child_start),
+        # Each pool child: unload idle lazy models when the copilot's release reaches it (worker/model_control.py).
+        (signals.worker_process_init, model_control.install_release_handler),
         # Every process that publishes: sign each task message.
         (signals.before_task_publish, sign_outgoing),
         # The pool child, after a task: its nonce is done.
@@ -50,5 +52,6 @@ def install_signals() -> None:
         (signals.task_postrun, metrics.on_task_end),
         (signals.worker_process_shutdown, metrics.on_child_exit),
     ]
+    model_control.register_release_command()
     for signal, handler in connections:
         signal.connect(handler, weak=False, dispatch_uid=f"xnai.{handler.__module__}.{handler.__name__}")

@@ -11,6 +11,7 @@ import redis
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.ops.memory_guard import current_locks
+from xnai_tasks.ops.resources import recent_decisions
 from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.settings import Settings
 
@@ -41,12 +42,14 @@ def collect_status(settings: Settings) -> dict[str, Any]:
             if role in roles:
                 roles[role]["locked"] = reason
         reliability = reliability_status(conn)
+        copilot = {"decisions": recent_decisions(conn)}
     finally:
         conn.close()
         app.close()
     return {
         "redis": {"url": broker.redact(settings.broker_url), "embedded": settings.embedded, "reachable": True},
         "roles": roles,
+        "copilot": copilot,
         **reliability,
     }
 
@@ -85,6 +88,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"{role:10}{info['queued']:>8}{sum(info['refused'].values()):>9}  {workers}")
     lines += _lock_lines(status)
     lines += _reliability_lines(status)
+    lines += _decision_lines(status)
     for role, info in status["roles"].items():
         if info["refused"]:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(info["refused"].items()))
@@ -102,6 +106,15 @@ def format_status(status: dict[str, Any]) -> str:
             if line is not None:
                 lines.append(line)
     return "\n".join(lines)
+
+
+def _decision_lines(status: dict[str, Any], limit: int = 5) -> list[str]:
+    """The copilot's newest resource decisions (xnai_tasks/ops/resources.py), one line each."""
+    lines = []
+    for d in status.get("copilot", {}).get("decisions", [])[:limit]:
+        when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
+        lines.append(f"copilot {when} {d['action']} {','.join(d['roles'])}: {d['reason']} ({d['detail']})")
+    return lines
 
 
 def _lock_lines(status: dict[str, Any]) -> list[str]:

@@ -187,6 +187,7 @@ def role_keys(role: str) -> tuple[str, ...]:
         keys.append(f"{BANK_KEY_PREFIX}*")
     if role == "copilot":
         keys.append(c.workflow_pattern())  # the records of the workflows it runs (xnai_tasks/workflow)
+        keys.append(c.copilot_pattern())  # its resource decisions (xnai_tasks/ops/resources.py)
     return tuple(keys)
 
 

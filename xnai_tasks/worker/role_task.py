@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -150,8 +151,15 @@ def register_diagnostics(role: str) -> None:
             time.sleep(float(delay_s))
         return value
 
+    def warm_models(self: RoleTask) -> dict[str, Any]:
+        """Load the role's lazy models in this process now (the copilot, before a scheduled workflow)."""
+        from xnai_tasks.worker.model_control import warm
+
+        return {"pid": os.getpid(), "models": warm(role)}
+
     role_task(role)(health)
     role_task(role)(echo)
+    role_task(role)(warm_models)
 
 
 def loaded_models(role: str) -> list[dict[str, Any]]:

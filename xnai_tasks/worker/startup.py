@@ -83,6 +83,11 @@ def registry(role: str) -> ModelRegistry:
     return found
 
 
+def current_registry_role() -> str | None:
+    """The role whose models this worker process holds (None outside a role worker)."""
+    return _state.role
+
+
 def describe(role: str) -> list[dict[str, Any]]:
     """What the ``health`` task reports: each model's name, kind, mode, loaded or not, sizes, threads."""
     found = _state.registries.get(role)

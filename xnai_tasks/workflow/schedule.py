@@ -49,7 +49,7 @@ def beat_entries(schedule: str | None) -> dict[str, dict[str, Any]]:
         entries[f"workflow-{name}"] = {
             "task": RUN_TASK,
             "schedule": float(entry.get("every_s", 3600)),
-            "kwargs": {"workflow": entry["workflow"], "kwargs": entry.get("kwargs", {})},
+            "kwargs": {"workflow": entry["workflow"], "kwargs": entry.get("kwargs", {}), "schedule": name},
             "options": {"queue": "copilot", "routing_key": "copilot"},
         }
     return entries
