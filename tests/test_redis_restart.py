@@ -1,13 +1,14 @@
 """``xnai up`` supervises the embedded Redis: killed with SIGKILL while tasks run, it is started again and no task
 is lost, none runs twice but those that were running, and a client waiting meanwhile gets its result.
 
-Real processes throughout: ``xnai up --roles curation`` (Redis, its guard, a curation worker of two pool
-processes loading the tests' own tasks, the metrics endpoint), the Python client in this process, and
-``xnai submit --wait`` in a subprocess.
+Real processes throughout: ``xnai up --roles copilot,curation`` (Redis, its guard, the copilot worker with beat, a
+curation worker of two pool processes loading the tests' own tasks, Flower, the metrics endpoint), the Python
+client in this process, and ``xnai submit --wait`` in a subprocess.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from xnai_tasks.bench.redis_restart import UpProcess
 from xnai_tasks.client.sync import Client
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
+from xnai_tasks.observability.telemetry import read_records
+from xnai_tasks.ops.flower import ensure_credentials
 from xnai_tasks.ops.memory_guard import MemoryGuard
 from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.security.keyring import shared_keyring
@@ -52,6 +56,7 @@ def settings() -> Iterator[Settings]:
         flower_port=free_port(),
         metrics_port=free_port(),
         plan_overrides=json.dumps({"curation": {"processes": PROCESSES}}),
+        copilot_every_s=5,  # beat sends check_services every 5 s: seen again soon after the restart
     )
     yield made
     shutil.rmtree(made.home, ignore_errors=True)
@@ -59,7 +64,7 @@ def settings() -> Iterator[Settings]:
 
 @pytest.fixture(scope="module")
 def up(settings: Settings) -> Iterator[UpProcess]:
-    with UpProcess(settings, ["--roles", "curation", "--no-flower"], env=ENV) as running:
+    with UpProcess(settings, ["--roles", "copilot,curation"], env=ENV) as running:
         running.wait_for("xnai up: ready", 180)
         yield running
 
@@ -90,6 +95,26 @@ def settled(check: Callable[[], bool], within_s: float = 10.0) -> bool:
     while not check() and time.monotonic() < deadline:
         time.sleep(0.1)
     return check()
+
+
+def flower_state(settings: Settings, task_id: str) -> str | None:
+    """The state Flower's event stream recorded for ``task_id`` (None: Flower has not seen it)."""
+    creds, _ = ensure_credentials(settings)
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.flower_port}/api/task/info/{task_id}")
+    request.add_header("Authorization", "Basic " + base64.b64encode(creds.basic_auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return str(json.loads(response.read()).get("state"))
+    except OSError:
+        return None
+
+
+def beat_ran_since(settings: Settings, since: float) -> bool:
+    """Whether the copilot finished a ``check_services`` (sent by beat) at or after ``since``."""
+    return any(
+        r.role == "copilot" and r.task.endswith("check_services")
+        for r in read_records(settings.telemetry_dir, since=since)
+    )
 
 
 def wait_running(path: Path, up: UpProcess) -> None:
@@ -165,3 +190,10 @@ def test_redis_killed_under_load_is_restarted_and_every_task_answers(
     assert settled(lambda: admin.hlen(c.unacked_key("curation")) == 0)
     # And the guard locked grok out again
     assert settled(lambda: "off" in admin.acl_getuser("grok")["flags"])
+    # And beat came back: the copilot runs check_services again after the outage
+    after = time.time()
+    assert settled(lambda: beat_ran_since(settings, after), within_s=60)
+    # And Flower's event stream came back: it records a task sent after the outage
+    late = client.submit("curation", "nap", seconds=0.0)
+    late.get(timeout=BOUND_S)
+    assert settled(lambda: flower_state(settings, late.id) == "SUCCESS", within_s=60), flower_state(settings, late.id)
