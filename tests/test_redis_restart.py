@@ -8,7 +8,6 @@ client in this process, and ``xnai submit --wait`` in a subprocess.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,13 +26,12 @@ from xnai_tasks.client.sync import Client
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.observability.telemetry import read_records
-from xnai_tasks.ops.flower import ensure_credentials
 from xnai_tasks.ops.memory_guard import MemoryGuard
 from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.security.keyring import shared_keyring
 from xnai_tasks.settings import Settings
 
-from support import free_port, short_home
+from support import free_port, run_xnai, short_home, wait_flower_success
 
 pytestmark = pytest.mark.slow
 
@@ -95,18 +92,6 @@ def settled(check: Callable[[], bool], within_s: float = 10.0) -> bool:
     while not check() and time.monotonic() < deadline:
         time.sleep(0.1)
     return check()
-
-
-def flower_state(settings: Settings, task_id: str) -> str | None:
-    """The state Flower's event stream recorded for ``task_id`` (None: Flower has not seen it)."""
-    creds, _ = ensure_credentials(settings)
-    request = urllib.request.Request(f"http://127.0.0.1:{settings.flower_port}/api/task/info/{task_id}")
-    request.add_header("Authorization", "Basic " + base64.b64encode(creds.basic_auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return str(json.loads(response.read()).get("state"))
-    except OSError:
-        return None
 
 
 def beat_ran_since(settings: Settings, since: float) -> bool:
@@ -190,10 +175,17 @@ def test_redis_killed_under_load_is_restarted_and_every_task_answers(
     assert settled(lambda: admin.hlen(c.unacked_key("curation")) == 0)
     # And the guard locked grok out again
     assert settled(lambda: "off" in admin.acl_getuser("grok")["flags"])
+    # And `xnai status` shows the restart and its cause
+    status = run_xnai(["status", "--json"], settings)
+    assert status.returncode == 0, status.stderr
+    restarts = json.loads(status.stdout)["redis"]["restarts"]
+    assert restarts["last_10m"] == 1 and restarts["recent"][0]["cause"] == "killed by SIGKILL"
+    assert "redis restarted by xnai up 1 time(s)" in run_xnai(["status"], settings).stdout
     # And beat came back: the copilot runs check_services again after the outage
     after = time.time()
     assert settled(lambda: beat_ran_since(settings, after), within_s=60)
     # And Flower's event stream came back: it records a task sent after the outage
     late = client.submit("curation", "nap", seconds=0.0)
     late.get(timeout=BOUND_S)
-    assert settled(lambda: flower_state(settings, late.id) == "SUCCESS", within_s=60), flower_state(settings, late.id)
+    info = wait_flower_success(settings, late.id, within_s=60)
+    assert info and info["state"] == "SUCCESS", info

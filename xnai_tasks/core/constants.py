@@ -254,6 +254,15 @@ def lost_key_pattern(role: str) -> str:
     return f"{XNAI_KEY_PREFIX}lost:{role}:*"
 
 
+#: Restarts of the embedded Redis kept for ``xnai status``.
+REDIS_RESTARTS_MAX: Final = 50
+
+
+def redis_restarts_key() -> str:
+    """List of the embedded Redis's restarts by ``xnai up`` (JSON: time, cause, pid), newest first."""
+    return f"{XNAI_KEY_PREFIX}redis:restarts"
+
+
 def deaths_key(role: str) -> str:
     """List of the role's recent worker-process deaths (JSON: time, task, id, signal), newest first."""
     return f"{XNAI_KEY_PREFIX}deaths:{role}"

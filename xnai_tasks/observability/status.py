@@ -41,13 +41,19 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         for role, reason in locks.items():
             if role in roles:
                 roles[role]["locked"] = reason
+        restarts = recent_redis_restarts(conn)
         reliability = reliability_status(conn)
         copilot = {"decisions": recent_decisions(conn)}
     finally:
         conn.close()
         app.close()
     return {
-        "redis": {"url": broker.redact(settings.broker_url), "embedded": settings.embedded, "reachable": True},
+        "redis": {
+            "url": broker.redact(settings.broker_url),
+            "embedded": settings.embedded,
+            "reachable": True,
+            "restarts": restarts,
+        },
         "roles": roles,
         "copilot": copilot,
         **reliability,
@@ -82,7 +88,16 @@ def format_status(status: dict[str, Any]) -> str:
     """A short table for people."""
     redis = status["redis"]
     kind = "embedded" if redis["embedded"] else "external"
-    lines = [f"redis: reachable ({kind}) {redis['url']}", f"{'role':10}{'queued':>8}{'refused':>9}  workers"]
+    lines = [f"redis: reachable ({kind}) {redis['url']}"]
+    restarts = redis.get("restarts", {})
+    if restarts.get("last_10m"):
+        last = restarts["recent"][0]
+        when = time.strftime("%H:%M:%S", time.localtime(last["ts"]))
+        lines.append(
+            f"redis restarted by xnai up {restarts['last_10m']} time(s) in the last 10 min "
+            f"(last {when}: {last['cause']})"
+        )
+    lines.append(f"{'role':10}{'queued':>8}{'refused':>9}  workers")
     for role, info in status["roles"].items():
         workers = ", ".join(info["workers"]) or "-"
         lines.append(f"{role:10}{info['queued']:>8}{sum(info['refused'].values()):>9}  {workers}")
@@ -129,17 +144,29 @@ def _lock_lines(status: dict[str, Any]) -> list[str]:
 DEATH_WINDOW_S = 600
 
 
-def recent_deaths(conn: redis.Redis, role: str, now: float | None = None) -> dict[str, Any]:
-    """The role's worker-process deaths in the last :data:`DEATH_WINDOW_S` seconds, by cause (signal)."""
+def recent_redis_restarts(conn: redis.Redis, now: float | None = None) -> dict[str, Any]:
+    """Restarts of the embedded Redis by ``xnai up`` in the last :data:`DEATH_WINDOW_S` seconds."""
+    events = _recent_events(conn, c.redis_restarts_key(), c.REDIS_RESTARTS_MAX, now)
+    return {"last_10m": len(events), "recent": events[:5]}
+
+
+def _recent_events(conn: redis.Redis, key: str, most: int, now: float | None) -> list[dict[str, Any]]:
+    """The JSON events of the list ``key`` (newest first) from the last :data:`DEATH_WINDOW_S` seconds."""
     since = (time.time() if now is None else now) - DEATH_WINDOW_S
     events = []
-    for raw in conn.lrange(c.deaths_key(role), 0, c.DEATHS_MAX - 1):
+    for raw in conn.lrange(key, 0, most - 1):
         try:
             event = json.loads(raw)
         except ValueError:
             continue
         if isinstance(event, dict) and float(event.get("ts", 0)) >= since:
             events.append(event)
+    return events
+
+
+def recent_deaths(conn: redis.Redis, role: str, now: float | None = None) -> dict[str, Any]:
+    """The role's worker-process deaths in the last :data:`DEATH_WINDOW_S` seconds, by cause (signal)."""
+    events = _recent_events(conn, c.deaths_key(role), c.DEATHS_MAX, now)
     by_cause: dict[str, int] = {}
     for event in events:
         cause = str(event.get("cause", "unknown cause"))

@@ -9,6 +9,7 @@ crash) is started again with backoff, and says so in one line: one process's exi
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -120,6 +121,8 @@ class Stack:
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
     restarts: dict[str, Restart] = field(default_factory=dict)
+    #: How the embedded Redis last exited while it ran (recorded in it once it is back, for ``xnai status``).
+    redis_exit: str | None = None
     #: Where the children's own output goes (``NAME.out`` per process); None: this process's terminal.
     output_dir: Path | None = None
 
@@ -237,7 +240,8 @@ class Stack:
             if code is None:
                 return
             delay = restart.schedule(now)
-            say(f"xnai up: redis exited ({_exit_text(code)}); {_restarting(delay)}")
+            self.redis_exit = _exit_text(code)
+            say(f"xnai up: redis exited ({self.redis_exit}); {_restarting(delay)}")
             log.warning("redis exited (%s); restarting in %.0f s", _exit_text(code), delay)
         if now < (restart.due or now):
             return
@@ -249,7 +253,9 @@ class Stack:
             say(f"xnai up: redis did not start ({exc}); {_restarting(delay)}")
             return
         restart.started = time.monotonic()
-        say(f"xnai up: redis restarted (pid {server.process.pid if server.process else '?'})")
+        pid = server.process.pid if server.process else None
+        _record_redis_restart(server, self.redis_exit or "unknown cause", pid)
+        say(f"xnai up: redis restarted (pid {pid or '?'})")
 
     def stop(self) -> None:
         """Stop every child's process group, then Redis. A second signal cannot interrupt it."""
@@ -313,6 +319,21 @@ class Restart:
 
 def _restarting(delay: float) -> str:
     return f"restarting in {delay:.0f} s" if delay else "restarting now"
+
+
+def _record_redis_restart(server: EmbeddedRedis, cause: str, pid: int | None) -> None:
+    """Keep the restart in Redis itself, where ``xnai status`` reads it; a failure to write is only logged."""
+    event = json.dumps({"ts": time.time(), "cause": cause, "pid": pid})
+    try:
+        conn = server.client()
+        try:
+            conn.pipeline().lpush(c.redis_restarts_key(), event).ltrim(
+                c.redis_restarts_key(), 0, c.REDIS_RESTARTS_MAX - 1
+            ).execute()
+        finally:
+            conn.close()
+    except RedisError as exc:
+        log.warning("could not record the Redis restart: %s", exc)
 
 
 def _exit_text(code: int) -> str:
