@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
 from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.ops.redis_server import EmbeddedRedis
@@ -88,3 +89,14 @@ def private_client(private_stack: Stack, private_settings: Settings) -> Iterator
     made = Client(private_settings)
     yield made
     made.close()
+
+
+@pytest.fixture(scope="module")
+def grok_worker(private_stack: Stack, private_settings: Settings, private_app: Celery) -> Iterator[None]:
+    """One grok worker (one pool process) on the module's private Redis."""
+    proc = start_worker(private_settings, "grok", concurrency=1)
+    try:
+        wait_online(proc, private_app, "grok", timeout=120)
+        yield
+    finally:
+        stop_worker(proc)

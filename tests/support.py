@@ -181,3 +181,31 @@ def admin_connection(settings: Settings) -> Iterator[Any]:
         yield conn
     finally:
         conn.close()
+
+
+def flower_task_info(settings: Settings, task_id: str) -> dict[str, Any] | None:
+    """What Flower's task API (basic auth from XNAI_HOME) knows of ``task_id``; None while it knows nothing."""
+    import base64
+    import json
+
+    from xnai_tasks.ops.flower import ensure_credentials
+
+    creds, _ = ensure_credentials(settings)
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.flower_port}/api/task/info/{task_id}")
+    request.add_header("Authorization", "Basic " + base64.b64encode(creds.basic_auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            found = json.loads(response.read() or b"null")
+    except OSError:  # HTTPError (404 while unknown) included
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def wait_flower_success(settings: Settings, task_id: str, within_s: float = 30.0) -> dict[str, Any] | None:
+    """Flower's record of ``task_id`` once it shows SUCCESS, or the last one seen after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    info = flower_task_info(settings, task_id)
+    while not (info and info.get("state") == "SUCCESS") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = flower_task_info(settings, task_id)
+    return info

@@ -17,6 +17,8 @@ from xnai_tasks.ops.flower import ensure_credentials
 from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
 
+from support import wait_flower_success
+
 
 def _get(url: str, auth: str | None) -> tuple[int, Any]:
     request = urllib.request.Request(url)
@@ -66,13 +68,7 @@ def test_flower_sees_signed_tasks_and_their_results(stack: Stack, stack_settings
     creds, _ = ensure_credentials(stack_settings)
     # Then Flower's task API shows it with its state, and its dashboard page renders
     base = f"http://127.0.0.1:{stack_settings.flower_port}"
-    deadline = time.monotonic() + 30
-    info: Any = None
-    while time.monotonic() < deadline:
-        status, info = _get(f"{base}/api/task/info/{handle.id}", creds.basic_auth)
-        if status == 200 and info and info.get("state") == "SUCCESS":
-            break
-        time.sleep(0.5)
+    info = wait_flower_success(stack_settings, handle.id)
     assert info and info["state"] == "SUCCESS" and info["name"] == "grok.echo"
     request = urllib.request.Request(f"{base}/workers")
     request.add_header("Authorization", "Basic " + base64.b64encode(creds.basic_auth.encode()).decode())

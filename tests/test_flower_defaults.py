@@ -25,10 +25,8 @@ from typing import Any
 import psutil
 import pytest
 import redis
-from celery import Celery
 from tornado.escape import xhtml_escape
 
-from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
@@ -217,16 +215,6 @@ def test_queue_lengths_are_read_as_the_flower_user(flower: subprocess.Popen[byte
         admin.execute_command("ACL", "SETUSER", acl.FLOWER, "+llen")
         admin.delete(queue)
         admin.close()
-
-
-@pytest.fixture(scope="module")
-def grok_worker(private_stack: Stack, private_settings: Settings, private_app: Celery) -> Iterator[None]:
-    proc = start_worker(private_settings, "grok", concurrency=1)
-    try:
-        wait_online(proc, private_app, "grok", timeout=120)
-        yield
-    finally:
-        stop_worker(proc)
 
 
 def _code_block(page: str, title: str) -> Any:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
 from celery import Celery
 
-from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
@@ -36,16 +35,6 @@ CAP_MB = 256
 @pytest.fixture(scope="module")
 def private_settings() -> Settings:
     return Settings(home=short_home(), model_mode="lazy", redis_maxmemory_mb=CAP_MB)
-
-
-@pytest.fixture(scope="module")
-def grok_worker(private_stack: Stack, private_settings: Settings, private_app: Celery) -> Iterator[None]:
-    proc = start_worker(private_settings, "grok", concurrency=1)
-    try:
-        wait_online(proc, private_app, "grok", timeout=120)
-        yield
-    finally:
-        stop_worker(proc)
 
 
 def test_every_key_a_role_may_write_is_counted_as_that_roles() -> None:

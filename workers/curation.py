@@ -34,22 +34,22 @@ register_diagnostics(ROLE)
 
 
 def _encode(texts: list[str], timer: Timer) -> tuple[list[list[float]], str]:
-    """Embed with the role's encoder, timing the load (if this call loads it) and the embedding."""
-    if batching.current() is not None:  # one torch call at a time in a batching worker
-        vectors, model, _ = _encode_shared(texts, timer)
-        return vectors, model
-    holder = runtime.registry(ROLE).encoder
-    batch_size = int(holder.model.params.get("batch_size", 32))
-    with runtime.using(holder, timer) as encoder, timer.phase("embed"):
-        vectors = m.embed(encoder, texts, batch_size=batch_size)
-    return vectors, holder.model.name
+    """Embed with the role's encoder (through the batcher when this worker batches); the vectors and the model."""
+    vectors, model, _ = _encode_shared(texts, timer)
+    return vectors, model
 
 
 def _encode_shared(texts: list[str], timer: Timer) -> tuple[list[list[float]], str, dict[str, Any]]:
-    """:func:`_encode`, through this worker's batcher when it batches; also the ``batch`` a result reports."""
+    """:func:`_encode`, through this worker's batcher when it batches; also the ``batch`` a result reports.
+
+    Timed: the load (if this call loads the model) and the embedding.
+    """
     if batching.current() is None:
-        vectors, model = _encode(texts, timer)
-        return vectors, model, {"call": 0, "tasks": 1, "texts": len(texts)}
+        holder = runtime.registry(ROLE).encoder
+        batch_size = int(holder.model.params.get("batch_size", 32))
+        with runtime.using(holder, timer) as encoder, timer.phase("embed"):
+            vectors = m.embed(encoder, texts, batch_size=batch_size)
+        return vectors, holder.model.name, {"call": 0, "tasks": 1, "texts": len(texts)}
     try:
         with timer.phase("embed"):
             done = batching.encode(texts)

@@ -70,6 +70,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
     Variable("XNAI_REDIS_MAXMEMORY_MB", "(plan)", "the embedded Redis' memory cap, MiB (plan: 5% of RAM, 256-2048)"),
     Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.models.probe_runner", "module the LLM probe runs (for diagnostics)"),
+    Variable("XNAI_TELEMETRY_DAYS", "7", "days the task telemetry under XNAI_HOME/telemetry is kept; 0 turns it off"),
     Variable(
         "XNAI_MAX_QUEUE",
         "512",

@@ -12,7 +12,6 @@ Every Celery app of the project uses it (:class:`XnaiAMQP`); the caps come in th
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -25,6 +24,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
 
 from xnai_tasks.admission.throughput import recent_rate, retry_after_s
+from xnai_tasks.core import constants as c
 from xnai_tasks.errors import OverloadedError
 
 #: KEYS: the queue's priority lists; ARGV: the cap, the index in KEYS of the list to push to, the message.
@@ -36,18 +36,11 @@ if depth >= tonumber(ARGV[1]) then return {0, depth} end
 redis.call('LPUSH', KEYS[tonumber(ARGV[2])], ARGV[3])
 return {1, depth + 1}
 """
-#: Redis names a cached script by the SHA-1 of its text.
-ADMIT_SHA: Final = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()
 
 
 def admit(client: redis.Redis, keys: list[str], target: str, cap: int, payload: str) -> tuple[bool, int]:
     """Push ``payload`` to ``target`` (one of ``keys``) unless the lists hold ``cap`` or more; (pushed, depth)."""
-    args = (cap, keys.index(target) + 1, payload)
-    try:
-        reply = client.evalsha(ADMIT_SHA, len(keys), *keys, *args)
-    except redis.exceptions.NoScriptError:
-        client.script_load(ADMIT_SCRIPT)
-        reply = client.evalsha(ADMIT_SHA, len(keys), *keys, *args)
+    reply = client.register_script(ADMIT_SCRIPT)(keys=keys, args=[cap, keys.index(target) + 1, payload])
     return bool(int(reply[0])), int(reply[1])
 
 
@@ -81,7 +74,7 @@ class AdmissionChannel(kombu_redis.Channel):  # type: ignore[misc]
             super()._put(queue, message, **kwargs)
             return
         target = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        keys = list(dict.fromkeys(self._q_for_pri(queue, pri) for pri in self.priority_steps))
+        keys = c.queue_keys(queue)
         with self.conn_or_acquire() as client:
             pushed, depth = admit(client, keys, target, cap, dumps(message))
             if not pushed:

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from typing import Any
 
 from xnai_tasks.bench.harness import host_facts, model_stack_home, role_worker
@@ -39,7 +38,7 @@ def run_batching(settings: Settings, args: BenchOptions) -> dict[str, Any]:
     texts = sample_texts(total)
     sides: dict[str, dict[str, Any]] = {}
     # every task must reach the encoder: no response cache on either side
-    with model_stack_home(replace(settings, cache=False)) as bench, _clients(bench, SUBMITTERS) as clients:
+    with model_stack_home(settings) as bench, _clients(bench, SUBMITTERS) as clients:
         control = create_app(bench, main="xnai_bench_batching")
         try:
             for side, batch in (("unbatched", "off"), ("batched", "on")):

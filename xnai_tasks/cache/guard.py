@@ -90,11 +90,14 @@ def lookup(new: Embedded, earlier: Sequence[Embedded]) -> tuple[int | None, Deci
     With no hit, the index is None and the decision is the one about the most similar candidate (None
     when there is no candidate).
     """
-    decisions = sorted(((decide(e, new), i) for i, e in enumerate(earlier)), key=lambda d: (-d[0].score, d[1]))
-    for decision, index in decisions:
+    order = sorted(range(len(earlier)), key=lambda i: (-cosine(earlier[i].vector, new.vector), i))
+    first: Decision | None = None
+    for index in order:  # the wording rules run only until the first hit
+        decision = decide(earlier[index], new)
         if decision.hit:
             return index, decision
-    return None, (decisions[0][0] if decisions else None)
+        first = first or decision
+    return None, first
 
 
 def wording_refusal(a: str, b: str) -> str | None:

@@ -24,7 +24,7 @@ from xnai_tasks.cache.request import PROMPT_KWARGS, Request, request_text
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected, XnaiError
 from xnai_tasks.security.canonical import digest
-from xnai_tasks.security.keyring import Keyring
+from xnai_tasks.security.keyring import Keyring, shared_keyring
 from xnai_tasks.settings import Settings, process_settings
 
 log = logging.getLogger(__name__)
@@ -33,18 +33,6 @@ log = logging.getLogger(__name__)
 SEMANTIC_CANDIDATES: Final = 32
 #: Where a semantic lookup leaves the request's text and vector for the store after the run.
 _VECTOR_ATTR: Final = "xnai_cache_vector"
-
-
-class _Keys:
-    """The keyring a worker verifies semantic candidates with, loaded once per process."""
-
-    keyring: Keyring | None = None
-
-    @classmethod
-    def get(cls, settings: Settings) -> Keyring:
-        if cls.keyring is None:
-            cls.keyring = Keyring.load(settings.home)
-        return cls.keyring
 
 
 def requested_mode(request: Any) -> str:
@@ -57,8 +45,10 @@ def role_models(role: str) -> list[str]:
     """This worker's models of ``role`` as ``kind:sha256`` (empty when one has no checksum)."""
     from xnai_tasks.worker import startup as runtime
 
-    found = [f"{h.model.kind}:{h.model.sha256}" for h in runtime.registry(role).holders()]
-    return [] if any(item.endswith(":None") for item in found) else sorted(found)
+    holders = runtime.registry(role).holders()
+    if any(not h.model.sha256 for h in holders):
+        return []
+    return sorted(f"{h.model.kind}:{h.model.sha256}" for h in holders)
 
 
 def store_answer(task: Any, role: str, short: str, task_id: str, kwargs: Mapping[str, Any], result: Any) -> None:
@@ -143,7 +133,7 @@ def semantic_answer(task: Any, role: str, short: str, kwargs: Mapping[str, Any])
     try:
         new = embed_request(role, request_text(role, short, kwargs))
         setattr(task.request, _VECTOR_ATTR, new)
-        return find_semantic(task.backend.client, _Keys.get(settings), role, new, models, counts_as=role)
+        return find_semantic(task.backend.client, shared_keyring(settings.home), role, new, models, counts_as=role)
     except (redis.RedisError, XnaiError, OSError, ValueError) as exc:
         log.warning("%s.%s: semantic lookup skipped: %s", role, short, exc)
         return None

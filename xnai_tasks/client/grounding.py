@@ -7,9 +7,10 @@ better from a relevant paragraph than from what it half remembers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xnai_tasks.client.sync import Client
+if TYPE_CHECKING:
+    from xnai_tasks.client.sync import Client
 
 #: Cosine similarity (all-MiniLM-L6-v2) below which a chunk is not taken as evidence for a question.
 #: On the demo's documents a relevant chunk scores about 0.5, an unrelated one below 0.2.

@@ -166,7 +166,6 @@ class Client:
         ``cache`` (off, exact, semantic; default: exact for a deterministic request) may answer it from the
         response cache: an exact hit is served here, nothing enqueued (xnai_tasks/cache).
         """
-        from xnai_tasks.cache.policy import CACHE_HEADER
 
         mode = self._checked(role, task, kwargs, cache)
         keyring = self._ready()
@@ -182,15 +181,7 @@ class Client:
         try:
             with signing_as(self._signer):
                 result = self.app.send_task(
-                    c.task_name(role, task),
-                    task_id=task_id,
-                    kwargs=kwargs,
-                    queue=c.queue_for(role),
-                    routing_key=role,
-                    expires=expires,
-                    headers={CACHE_HEADER: mode},
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
+                    c.task_name(role, task), task_id=task_id, kwargs=kwargs, **_send_options(role, mode, expires)
                 )
         except (OperationalError, RedisError, OSError) as exc:
             raise BrokerUnreachableError(f"could not enqueue {role}.{task}: {exc}") from None
@@ -205,7 +196,6 @@ class Client:
         (never answered from the cache here); the handle verifies its result by the role's signature. Publish it
         inside :meth:`signing`.
         """
-        from xnai_tasks.cache.policy import CACHE_HEADER
 
         mode = self._checked(role, task, kwargs, cache)
         task_id = uuid()
@@ -214,12 +204,7 @@ class Client:
             c.task_name(role, task),
             kwargs=kwargs,
             task_id=task_id,
-            queue=c.queue_for(role),
-            routing_key=role,
-            expires=self._expires(expires_s),
-            headers={CACHE_HEADER: mode},
-            retry=True,
-            retry_policy=RETRY_POLICY,
+            **_send_options(role, mode, self._expires(expires_s)),
         )
         return member, handle
 
@@ -314,3 +299,17 @@ class Client:
         known = self.tasks()[role]
         if task not in known:
             raise UnknownTaskError(f"role {role!r} has no task {task!r} (tasks: {', '.join(known)})")
+
+
+def _send_options(role: str, mode: str, expires: float) -> dict[str, Any]:
+    """How every task message of the client is sent: the role's queue, its expiry, its cache mode, retries."""
+    from xnai_tasks.cache.policy import CACHE_HEADER
+
+    return {
+        "queue": c.queue_for(role),
+        "routing_key": role,
+        "expires": expires,
+        "headers": {CACHE_HEADER: mode},
+        "retry": True,
+        "retry_policy": RETRY_POLICY,
+    }

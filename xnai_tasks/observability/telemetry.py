@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from xnai_tasks.client.outcome import REFUSALS
 from xnai_tasks.core import constants as c
 from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.settings import Settings, process_settings
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 #: Outcomes of a task: it returned, it refused (a RefusedError or one of its kind), it failed otherwise,
 #: or it asked to be retried.
 OUTCOMES = ("success", "refused", "error", "retry")
-
-#: Error class names that are refusals, as the client counts them (client/sync.REFUSALS).
-_REFUSALS = frozenset({"RefusedError", "ModelUnavailableError", "OverBudgetError", "MessageRejected"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +97,7 @@ def outcome_of(state: str | None, retval: Any) -> str:
         return "success"
     if state == "RETRY":
         return "retry"
-    return "refused" if type(retval).__name__ in _REFUSALS else "error"
+    return "refused" if type(retval).__name__ in REFUSALS else "error"
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -26,12 +26,12 @@ import redis
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.settings import Settings
+from xnai_tasks.workflow.schedule import DEFAULT_EVERY_S
 
 log = logging.getLogger(__name__)
 
 _MiB = 1024 * 1024
 #: The roles that hold models (the copilot holds none).
-MODEL_ROLES = ("cline", "grok", "curation")
 #: The roles each built-in workflow sends steps to (xnai_tasks/workflow/builtin.py).
 WORKFLOW_ROLES: dict[str, tuple[str, ...]] = {
     "research": ("curation", "grok", "cline"),
@@ -75,8 +75,8 @@ def decide(
         decisions.append(Decision("preload", roles, reason, now))
     available_mb = available_bytes // _MiB
     if available_mb < settings.min_free_mb:
-        kept = [r for r in MODEL_ROLES if queued.get(r, 0) or r in warming]
-        idle = tuple(r for r in MODEL_ROLES if r not in kept)
+        kept = [r for r in c.WORKER_ROLES if queued.get(r, 0) or r in warming]
+        idle = tuple(r for r in c.WORKER_ROLES if r not in kept)
         if idle:
             reason = f"available RAM {available_mb} MiB < XNAI_MIN_FREE_MB {settings.min_free_mb} MiB"
             if kept:
@@ -98,7 +98,7 @@ def due_runs(conn: redis.Redis, settings: Settings, now: float) -> list[Due]:
             seen[f"{name}:seen"] = now
         last = seen.get(name)
         # never started yet: beat runs it within every_s of its start, so warm once, now
-        at = seen[f"{name}:seen"] if last is None else last + float(entry.get("every_s", 3600))
+        at = seen[f"{name}:seen"] if last is None else last + float(entry.get("every_s", DEFAULT_EVERY_S))
         warmed = seen.get(f"{name}:warmed", -1.0) >= at
         found.append(Due(name, str(entry["workflow"]), at - now, at, warmed))
     return found

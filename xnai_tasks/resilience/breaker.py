@@ -162,12 +162,15 @@ class Breaker:
         self.model = model
         self.policy = policy
         self.keys = [c.breaker_key(role, model), c.breaker_probe_key(role, model)]
+        # redis-py Scripts (EVALSHA, loaded on a miss): making them sends nothing, so a new breaker writes nothing
+        self._admit = conn.register_script(_ADMIT)
+        self._settle = conn.register_script(_SETTLE)
 
     def admit(self) -> Ticket:
         """Let a call through, as the probe if the breaker is half-open; else raise :class:`BreakerOpenError`."""
         token = uuid.uuid4().hex
         ttl_ms = int((self.policy.slow_s + PROBE_MARGIN_S) * 1000)
-        verdict, open_until, reason = _script(self.conn, _ADMIT)(keys=self.keys, args=[token, ttl_ms])
+        verdict, open_until, reason = self._admit(keys=self.keys, args=[token, ttl_ms])
         verdict, reason = _text(verdict), _text(reason)
         if verdict == CLOSED:
             return Ticket(probe=False, token="")
@@ -193,7 +196,7 @@ class Breaker:
             1 + JITTER * random.random(),
             " ".join(detail.split())[:300],
         ]
-        return _text(_script(self.conn, _SETTLE)(keys=self.keys, args=args))
+        return _text(self._settle(keys=self.keys, args=args))
 
     def read(self) -> BreakerState:
         """The state as stored (read-only); an open breaker whose period is over reads half-open."""
@@ -242,11 +245,6 @@ def all_states(conn: redis.Redis) -> list[BreakerState]:
         if role in c.ROLES and model:
             found.append(read_state(conn, role, model))
     return sorted(found, key=lambda s: (s.role, s.model))
-
-
-def _script(conn: redis.Redis, source: str) -> Any:
-    """A redis-py Script (EVALSHA, loaded on a miss); making one sends nothing to Redis."""
-    return conn.register_script(source)
 
 
 def _server_ms(conn: redis.Redis) -> int:

@@ -74,15 +74,17 @@ class ModelPool:
         self.cap = cap
         self.lease_ms = max(1, int(lease_s * 1000))
         self.key = c.pool_key(role, model, host)
+        self._acquire = conn.register_script(_ACQUIRE)
+        self._renew = conn.register_script(_RENEW)
 
     def try_acquire(self, lease_id: str) -> bool:
         """Take a lease now if one is free."""
-        taken = self.conn.register_script(_ACQUIRE)(keys=[self.key], args=[lease_id, self.cap, self.lease_ms])
+        taken = self._acquire(keys=[self.key], args=[lease_id, self.cap, self.lease_ms])
         return bool(int(taken))
 
     def renew(self, lease_id: str) -> bool:
         """Extend a lease held; False when it had expired (then it is not taken again)."""
-        kept = self.conn.register_script(_RENEW)(keys=[self.key], args=[lease_id, self.lease_ms])
+        kept = self._renew(keys=[self.key], args=[lease_id, self.lease_ms])
         return bool(int(kept))
 
     def release(self, lease_id: str) -> None:
@@ -117,11 +119,6 @@ class ModelPool:
             stop.set()
             renewer.join(timeout=5)
             self.release(lease_id)
-
-    def in_use(self) -> int:
-        """Leases held now (read-only)."""
-        seconds, micros = self.conn.time()
-        return int(self.conn.zcount(self.key, int(seconds) * 1000 + int(micros) // 1000, "+inf"))
 
     def _renew_until(self, lease_id: str, stop: threading.Event) -> None:
         while not stop.wait(self.lease_ms / 3000):

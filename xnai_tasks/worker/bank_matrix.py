@@ -35,11 +35,16 @@ class Snapshot:
     dim: int
 
 
-def load_snapshot(conn: redis.Redis) -> Snapshot:
-    """Every chunk vector of the bank now, in the order of the sorted chunk keys."""
+def load_snapshot(conn: redis.Redis, version: bytes | None = None) -> Snapshot:
+    """Every chunk vector of the bank now, in the order of the sorted chunk keys.
+
+    ``version``: the bank's version counter as the caller read it just before (read here when not given);
+    read before the vectors, so a change while they load makes the next search load again.
+    """
     import numpy as np
 
-    version = conn.get(c.bank_version_key())
+    if version is None:
+        version = conn.get(c.bank_version_key())
     meta = conn.hgetall(c.bank_meta_key())
     model = bytes_to_str(meta[b"model"]) if b"model" in meta else None
     dim = int(meta.get(b"dim", b"0"))
@@ -69,7 +74,7 @@ class BankMatrix:
             held = self._snapshot
             if held is not None and version is not None and held.version == version:
                 return held
-            fresh = load_snapshot(conn)
+            fresh = load_snapshot(conn, version)
             self._snapshot = fresh
             self.loads += 1
             return fresh

@@ -293,7 +293,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         batching.start(
             process_settings(),
             applied.threads_per_process,
-            lambda: using(registry(batching.BATCHED_ROLE).encoder, Timer()),
+            registry(batching.BATCHED_ROLE).encoder.use,
         )
 
 

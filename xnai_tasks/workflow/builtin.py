@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from xnai_tasks.client.grounding import MIN_SCORE
 from xnai_tasks.errors import UsageError
 from xnai_tasks.worker.code import validate_code
 from xnai_tasks.workflow.provenance import summary
 from xnai_tasks.workflow.run import Run, StepRecord, judge
 from xnai_tasks.workflow.spec import Step
 
-#: Cosine similarity below which a bank chunk is not evidence (as client/grounding.py).
-MIN_SCORE = 0.35
 SEARCH_TIMEOUT_S = 60.0
 LLM_TIMEOUT_S = 300.0
 INDEX_TIMEOUT_S = 120.0

@@ -10,6 +10,9 @@ from typing import Any
 
 from xnai_tasks.errors import SettingsError
 
+#: Seconds between two runs of a scheduled workflow whose entry gives no ``every_s``.
+DEFAULT_EVERY_S = 3600
+
 #: The copilot task beat sends for each entry (workers/copilot.py).
 RUN_TASK = "copilot.run_workflow"
 MIN_EVERY_S = 10.0
@@ -35,7 +38,7 @@ def _check_entry(name: str, entry: Any) -> None:
         raise SettingsError(f"{where} must be an object with workflow and optionally kwargs, every_s")
     if not isinstance(entry["workflow"], str) or not isinstance(entry.get("kwargs", {}), dict):
         raise SettingsError(f"{where}: workflow must be a name and kwargs an object")
-    every = entry.get("every_s", 3600)
+    every = entry.get("every_s", DEFAULT_EVERY_S)
     if isinstance(every, bool) or not isinstance(every, int | float) or every < MIN_EVERY_S:
         raise SettingsError(f"{where}.every_s must be a number of seconds, at least {MIN_EVERY_S:g}")
 
@@ -48,7 +51,7 @@ def beat_entries(schedule: str | None) -> dict[str, dict[str, Any]]:
     for name, entry in json.loads(schedule).items():
         entries[f"workflow-{name}"] = {
             "task": RUN_TASK,
-            "schedule": float(entry.get("every_s", 3600)),
+            "schedule": float(entry.get("every_s", DEFAULT_EVERY_S)),
             "kwargs": {"workflow": entry["workflow"], "kwargs": entry.get("kwargs", {}), "schedule": name},
             "options": {"queue": "copilot", "routing_key": "copilot"},
         }

@@ -11,7 +11,6 @@ from xnai_tasks.core import constants as c
 
 #: States a run's record goes through.
 RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
-FINAL_STATES = (SUCCEEDED, FAILED)
 
 
 class RunStore:
