@@ -6,7 +6,6 @@ it is read (a result published earlier went unheard). No thread and no polling: 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,7 +36,8 @@ class ResultChannel:
         self._watched: dict[str, tuple[OnPayload, OnLost]] = {}
         self._acks: dict[str, anyio.Event] = {}
         self._lost: BaseException | None = None
-        self._to_read: list[str] = []
+        #: Keys whose stored value a waiter wants now (read together by whoever gets the connection first).
+        self._waiting: set[str] = set()
         self._read: dict[str, Any] = {}
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -89,19 +89,17 @@ class ResultChannel:
     async def _get(self, key: str) -> bytes | None:
         """The stored value of ``key``: whoever gets the connection first reads every key asked for meanwhile."""
         assert self._cmd is not None
-        self._to_read.append(key)
+        self._waiting.add(key)
         try:
             async with self._cmd_lock:
                 if key not in self._read:
-                    if key not in self._to_read:  # the read that took it was interrupted
-                        self._to_read.append(key)
-                    keys, self._to_read = self._to_read, []
+                    keys = [k for k in self._waiting if k not in self._read]
                     values = await self._mget(keys)
-                    self._read.update(zip(keys, values, strict=True))
+                    # keys whose reader gave up (cancelled) while this read ran are not kept
+                    self._read.update((k, v) for k, v in zip(keys, values, strict=True) if k in self._waiting)
         finally:  # read or not (cancelled), nothing of this key is kept
+            self._waiting.discard(key)
             value = self._read.pop(key, None)
-            with contextlib.suppress(ValueError):
-                self._to_read.remove(key)
         return value if isinstance(value, bytes) else None
 
     async def _mget(self, keys: list[str]) -> list[Any]:
