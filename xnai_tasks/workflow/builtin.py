@@ -1,4 +1,8 @@
-"""The built-in workflows: ``research``, ``code`` and ``review``."""
+"""The built-in workflows: ``research``, ``code`` and ``review``.
+
+Each is an ``async def`` of a run (:class:`~xnai_tasks.workflow.ledger.Steps`) that awaits only the run's
+``step`` and ``parallel``: the same decisions whether the sync client or the async one runs it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ from typing import Any
 from xnai_tasks.client.grounding import MIN_SCORE
 from xnai_tasks.errors import UsageError
 from xnai_tasks.worker.code import validate_code
+from xnai_tasks.workflow.ledger import StepRecord, Steps, judge
 from xnai_tasks.workflow.provenance import summary
-from xnai_tasks.workflow.run import Run, StepRecord, judge
 from xnai_tasks.workflow.spec import Step
 
 SEARCH_TIMEOUT_S = 60.0
@@ -20,20 +24,20 @@ def _relevant(found: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [hit for hit in (found or {}).get("hits", []) if hit["score"] >= MIN_SCORE]
 
 
-def research(run: Run, topic: str, k: int = 4, max_tokens: int = 128, seed: int = 1) -> dict[str, Any]:
+async def research(run: Steps, topic: str, k: int = 4, max_tokens: int = 128, seed: int = 1) -> dict[str, Any]:
     """curation searches the bank, grok answers from the hits, cline writes it up, curation indexes the write-up."""
-    hits = _relevant(run.step("search", "curation", "search", timeout_s=SEARCH_TIMEOUT_S, query=topic, k=k))
+    hits = _relevant(await run.step("search", "curation", "search", timeout_s=SEARCH_TIMEOUT_S, query=topic, k=k))
     if not hits:
         run.remark("no chunk of the bank is relevant: grok answers without notes")
     notes = "\n".join(hit["chunk"] for hit in hits) or None
-    answer = run.step(
+    answer = await run.step(
         "synthesize", "grok", "synthesize", timeout_s=LLM_TIMEOUT_S,
         prompt=topic, context=notes, max_tokens=max_tokens, seed=seed,
     )  # fmt: skip
     assert answer is not None  # a required step returns its result or raises
     if answer.get("degraded"):
         run.remark(f"grok's answer is degraded (extracted from the notes): {answer.get('degraded_reason')}")
-    writeup = run.step(
+    writeup = await run.step(
         "document", "cline", "generate_docs", timeout_s=LLM_TIMEOUT_S, optional=True,
         topic=topic, context=answer["text"] or notes, max_tokens=max_tokens, seed=seed,
     )  # fmt: skip
@@ -44,7 +48,7 @@ def research(run: Run, topic: str, k: int = 4, max_tokens: int = 128, seed: int 
         run.remark(f"cline's write-up is degraded (from the notes): {writeup.get('degraded_reason')}")
     chosen = writeup if source == "document" else answer
     text = str(chosen["text"]).strip() if chosen else ""
-    indexed = _index(run, source, text)
+    indexed = await _index(run, source, text)
     return {
         "topic": topic,
         "answer": answer["text"],
@@ -57,19 +61,19 @@ def research(run: Run, topic: str, k: int = 4, max_tokens: int = 128, seed: int 
     }
 
 
-def _index(run: Run, source: str, text: str) -> str | None:
+async def _index(run: Steps, source: str, text: str) -> str | None:
     """Index ``text`` with the provenance of step ``source``; its document id, or None if it was not indexed."""
     if not text.strip():
         run.remark("nothing to index: the answer is empty")
         return None
     doc_id = f"workflow:{run.id}"
     document = {"id": doc_id, "text": text, "provenance": run.provenance(source)}
-    done = run.step("index", "curation", "index", timeout_s=INDEX_TIMEOUT_S, optional=True, documents=[document])
+    done = await run.step("index", "curation", "index", timeout_s=INDEX_TIMEOUT_S, optional=True, documents=[document])
     return doc_id if done is not None else None
 
 
-def code(
-    run: Run,
+async def code(
+    run: Steps,
     spec: str,
     language: str = "python",
     max_retries: int = 2,
@@ -83,7 +87,7 @@ def code(
     while (version is None or version["validation"].get("valid") is False) and tries < calls:
         error = None if version is None else version["validation"].get("error")
         wanted = spec if error is None else f"{spec}. An earlier version was rejected ({error}); write valid {language}"
-        version = run.step(
+        version = await run.step(
             f"generate-{tries + 1}", "cline", "generate_code", timeout_s=LLM_TIMEOUT_S,
             spec=wanted, language=language, max_tokens=max_tokens, seed=seed + tries,
         )  # fmt: skip
@@ -94,7 +98,7 @@ def code(
     valid = version["validation"].get("valid")
     if valid is False:
         run.remark(f"no valid version after {tries} attempt(s): the last one is reviewed ({error})")
-    review = _review_code(run, spec, language, str(version["code"]), seed)
+    review = await _review_code(run, spec, language, str(version["code"]), seed)
     return {
         "spec": spec,
         "language": language,
@@ -108,7 +112,7 @@ def code(
     }
 
 
-def _draft(run: Run, first_attempt: str | None, language: str) -> dict[str, Any] | None:
+def _draft(run: Steps, first_attempt: str | None, language: str) -> dict[str, Any] | None:
     """A given first version, validated here as cline validates its own (worker/code.py); None if none."""
     if first_attempt is None:
         return None
@@ -119,12 +123,12 @@ def _draft(run: Run, first_attempt: str | None, language: str) -> dict[str, Any]
     return draft
 
 
-def _review_code(run: Run, spec: str, language: str, source: str, seed: int) -> dict[str, Any] | None:
+async def _review_code(run: Steps, spec: str, language: str, source: str, seed: int) -> dict[str, Any] | None:
     if not source.strip():
         run.remark("no code to review")
         return None
     prompt = f"Review this {language} code written for: {spec}. Is it correct? Name one problem, or say it is fine."
-    review = run.step(
+    review = await run.step(
         "review", "grok", "synthesize", timeout_s=LLM_TIMEOUT_S, optional=True,
         prompt=prompt, context=source, max_tokens=96, seed=seed,
     )  # fmt: skip
@@ -137,8 +141,8 @@ def _option_name(option: Any) -> str:
     return str(option.get("name", "")) if isinstance(option, dict) else str(option)
 
 
-def review(
-    run: Run, options: list[Any], question: str, k: int = 3, max_tokens: int = 64, seed: int = 1
+async def review(
+    run: Steps, options: list[Any], question: str, k: int = 3, max_tokens: int = 64, seed: int = 1
 ) -> dict[str, Any]:
     """grok weighs the options while curation gathers bank evidence for each, in parallel; the copilot merges."""
     names = [_option_name(option) for option in options]
@@ -148,7 +152,7 @@ def review(
         *(Step(f"evidence:{name}", "curation", "search", {"query": f"{name}: {question}", "k": k},
                SEARCH_TIMEOUT_S, optional=True) for name in names),
     ]  # fmt: skip
-    got = run.parallel(*steps)
+    got = await run.parallel(*steps)
     analysis = got["analyze"]
     assert analysis is not None
     if analysis.get("degraded"):
@@ -168,7 +172,7 @@ def review(
     }
 
 
-def _merge(run: Run, row: dict[str, Any], found: dict[str, Any] | None) -> dict[str, Any]:
+def _merge(run: Steps, row: dict[str, Any], found: dict[str, Any] | None) -> dict[str, Any]:
     """grok's row for one option with the bank's evidence for it (None: its search was skipped)."""
     evidence = None if found is None else [
         {"id": hit["id"], "score": hit["score"], "chunk": hit["chunk"]} for hit in _relevant(found)

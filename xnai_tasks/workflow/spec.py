@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +14,9 @@ from xnai_tasks.errors import UsageError
 #: Seconds a step may take unless it says otherwise.
 DEFAULT_STEP_TIMEOUT_S = 120.0
 
-Driver = Callable[..., dict[str, Any]]
+#: ``async def driver(run, **kwargs)``: it awaits only its run's ``step`` and ``parallel`` (a sync run's never
+#: suspend, so the same driver runs in a thread or in an event loop: workflow/run.py, workflow/async_run.py).
+Driver = Callable[..., Coroutine[Any, Any, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Workflow:
-    """A named workflow: its driver ``driver(run, **kwargs)`` returns the workflow's result."""
+    """A named workflow: its driver ``await driver(run, **kwargs)`` returns the workflow's result."""
 
     name: str
     driver: Driver

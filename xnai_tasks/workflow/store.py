@@ -9,8 +9,8 @@ import redis
 
 from xnai_tasks.core import constants as c
 
-#: States a run's record goes through.
-RUNNING, SUCCEEDED, FAILED = "running", "succeeded", "failed"
+#: States a run's record goes through (cancelled: the async caller gave up on it, its steps were revoked).
+RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
 
 class RunStore:
