@@ -103,6 +103,8 @@ def identity(settings: Settings, role: str | None = None) -> tuple[str, str | No
     if settings.embedded:
         user = role or acl.DEFAULT_USER
         return redis_urls.connection_url(settings, user), user
+    if settings.joined_roles and role is not None:  # a host joined to a hub: the role's own URL
+        return redis_urls.connection_url(settings, role), role
     named = role or redis_urls.url_user(settings.broker_url)
     return settings.broker_url, named if role or named in acl.USERS else None
 

@@ -51,6 +51,10 @@ def test_profiles_switch_every_fast_path_and_the_table_has_the_designed_rows() -
     assert len(table) == 2 + len(TARGETS)
     assert [cell.strip() for cell in table[2].split("|")] == ["requests/s", "5", "10", "1.50", "-"]
     assert "4.7 GB" in table[5] and "1.89 GB" in table[5] and "n/a" in table[4]
+    # When the table is printed for a run against a running stack (--running), Then it has that one column
+    running = format_table({"running": figures}).splitlines()
+    assert [cell.strip() for cell in running[0].split("|")] == ["metric", "then", "target", "running"]
+    assert [cell.strip() for cell in running[2].split("|")] == ["requests/s", "5", "10", "1.50"]
 
 
 @pytest.mark.slow

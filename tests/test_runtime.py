@@ -23,7 +23,7 @@ from xnai_tasks.ops.redis_server import EmbeddedRedis
 from xnai_tasks.plan.host import plan_for
 from xnai_tasks.plan.planner import GiB, Host, RolePlan, for_concurrency, format_plan
 from xnai_tasks.security import publish
-from xnai_tasks.security.key_admin import init_keys
+from xnai_tasks.security.key_admin import init_keys, revoke
 from xnai_tasks.settings import Settings
 from xnai_tasks.worker.code import extract_code, validate_code
 from xnai_tasks.worker.sentences import sentences
@@ -150,6 +150,23 @@ def test_a_bad_model_is_one_clear_line_and_exit_1(home: Path, case: str) -> None
     assert done.returncode == 1, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "cannot start" in line]
     assert len(lines) == 1 and expected in lines[0] and "xnai worker cline" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_whose_key_is_revoked_does_not_start(home: Path) -> None:
+    # Given the copilot's key revoked (it has no other)
+    keyring = init_keys(home)
+    kid = next(entry.kid for entry in keyring.entries() if entry.agent == "copilot")
+    revoke(home, kid)
+    settings = Settings(home=home)
+    # When its worker starts on a reachable Redis
+    with EmbeddedRedis(settings):
+        done = run_xnai(["worker", "copilot"], settings, timeout=120)
+    # Then it stops before it connects: one line naming the key problem (exit 2), not a worker whose every result
+    # would fail
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "xnai worker copilot" in lines[0] and "copilot" in lines[0].split("cannot start")[1]
     assert "Traceback" not in done.stderr
 
 

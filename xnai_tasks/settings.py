@@ -67,8 +67,19 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("XNAI_LLM_PROBE_TIMEOUT", "120", "seconds one LLM probe (load and a short generation) may take"),
     Variable("XNAI_MAX_DELIVERIES", "3", "times a message whose worker process died running it is delivered at most"),
+    Variable(
+        "XNAI_DEAD_AFTER",
+        "30",
+        "seconds without a heartbeat after which a worker's taken tasks go back to its role's queue (at least 5)",
+    ),
     Variable("XNAI_TASK_MODULES", "(none)", "extra task modules a worker imports, comma-separated (e.g. for tests)"),
     Variable("XNAI_REDIS_MAXMEMORY_MB", "(plan)", "the embedded Redis' memory cap, MiB (plan: 5% of RAM, 256-2048)"),
+    Variable(
+        "XNAI_REDIS_TLS_PORT",
+        "(off)",
+        "TCP port of the embedded Redis' TLS terminator (mutual TLS, see TLS between hosts); unset: off",
+    ),
+    Variable("XNAI_REDIS_TLS_BIND", "0.0.0.0", "address the TLS terminator listens on (XNAI_REDIS_TLS_PORT)"),
     Variable("XNAI_LLM_PROBE_RUNNER", "xnai_tasks.models.probe_runner", "module the LLM probe runs (for diagnostics)"),
     Variable("XNAI_TELEMETRY_DAYS", "7", "days the task telemetry under XNAI_HOME/telemetry is kept; 0 turns it off"),
     Variable(
@@ -140,10 +151,15 @@ class Settings:
     llm_safe: str = "auto"
     llm_probe_timeout: int = 120
     max_deliveries: int = 3
+    #: Seconds without a heartbeat before a worker counts as dead and its taken messages are restored by a peer.
+    dead_after: int = 30
     #: Extra modules of ``ROLE.*`` tasks every app built on these settings imports.
     task_modules: tuple[str, ...] = ()
     llm_probe_runner: str = "xnai_tasks.models.probe_runner"
     redis_maxmemory_mb: int | None = None
+    #: The embedded Redis' TLS terminator (xnai_tasks/ops/tls_proxy.py): its port (None: off) and address.
+    redis_tls_port: int | None = None
+    redis_tls_bind: str = "0.0.0.0"
     #: Days telemetry files are kept (observability/telemetry.py); 0: no telemetry is written.
     telemetry_days: int = 7
     #: Most messages waiting in a role's queue (0: no cap), and per-role overrides: ``(("grok", 64),)``.
@@ -176,10 +192,16 @@ class Settings:
     copilot_every_s: int = 60
     min_free_mb: int = 512
     preload_ahead_s: int = 120
+    #: The roles this host joined a hub for (``xnai host join``: XNAI_HOME/host.json); empty on any other host.
+    joined_roles: tuple[str, ...] = ()
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate every ``XNAI_*`` variable; raise :class:`SettingsError` on the first bad one."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, acting_as: str | None = None) -> Settings:
+        """Read and validate every ``XNAI_*`` variable; raise :class:`SettingsError` on the first bad one.
+
+        On a host joined to a hub, with no XNAI_REDIS_URL, the URL is the hub's with the credential of ``acting_as``
+        when the host holds it (the role of ``xnai worker ROLE``), else of its first role.
+        """
         env = os.environ if env is None else env
         home = _parse_home(env.get("XNAI_HOME") or str(Path.home() / ".xnai"))
         settings = cls(
@@ -203,11 +225,14 @@ class Settings:
             llm_safe=_choice(env, "XNAI_LLM_SAFE", "AUTO", tuple(m.upper() for m in LLM_SAFE_MODES)).lower(),
             llm_probe_timeout=_int(env, "XNAI_LLM_PROBE_TIMEOUT", 120, 5, 3600),
             max_deliveries=_int(env, "XNAI_MAX_DELIVERIES", 3, 1, 100),
+            dead_after=_int(env, "XNAI_DEAD_AFTER", 30, 5, 24 * 3600),
             task_modules=_modules(env, "XNAI_TASK_MODULES"),
             llm_probe_runner=(_modules(env, "XNAI_LLM_PROBE_RUNNER") or ("xnai_tasks.models.probe_runner",))[0],
             redis_maxmemory_mb=_optional(
                 env, "XNAI_REDIS_MAXMEMORY_MB", _bounded("XNAI_REDIS_MAXMEMORY_MB", 32, 1 << 20)
             ),
+            redis_tls_port=_optional(env, "XNAI_REDIS_TLS_PORT", _bounded("XNAI_REDIS_TLS_PORT", 1, 65535)),
+            redis_tls_bind=_parse_bind(env.get("XNAI_REDIS_TLS_BIND", "").strip() or "0.0.0.0"),
             telemetry_days=_int(env, "XNAI_TELEMETRY_DAYS", 7, 0, 3650),
             max_queue=_int(env, "XNAI_MAX_QUEUE", 512, 0, MAX_QUEUE_LIMIT),
             queue_caps=_queue_caps(env),
@@ -248,7 +273,7 @@ class Settings:
                 f"XNAI_VISIBILITY_TIMEOUT={settings.visibility_timeout}, or redelivered tasks are refused as expired"
             )
         _check_fits_host(settings)
-        return settings
+        return _joined(settings, acting_as) if settings.redis_url is None else settings
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``XNAI_*`` variables, for a child process that must see the same ones."""
@@ -266,6 +291,7 @@ class Settings:
             "XNAI_LLM_SAFE": self.llm_safe,
             "XNAI_LLM_PROBE_TIMEOUT": str(self.llm_probe_timeout),
             "XNAI_MAX_DELIVERIES": str(self.max_deliveries),
+            "XNAI_DEAD_AFTER": str(self.dead_after),
             "XNAI_LLM_PROBE_RUNNER": self.llm_probe_runner,
             "XNAI_TELEMETRY_DAYS": str(self.telemetry_days),
             "XNAI_MAX_QUEUE": str(self.max_queue),
@@ -289,11 +315,13 @@ class Settings:
             "XNAI_COPILOT_EVERY_S": str(self.copilot_every_s),
             "XNAI_MIN_FREE_MB": str(self.min_free_mb),
             "XNAI_PRELOAD_AHEAD_S": str(self.preload_ahead_s),
+            "XNAI_REDIS_TLS_BIND": self.redis_tls_bind,
         }
         if self.task_modules:
             env["XNAI_TASK_MODULES"] = ",".join(self.task_modules)
         optional = {
-            "XNAI_REDIS_URL": self.redis_url,
+            # a joined host's children read host.json for their own role's credential
+            "XNAI_REDIS_URL": None if self.joined_roles else self.redis_url,
             "XNAI_REDIS_MAXMEMORY_MB": None if self.redis_maxmemory_mb is None else str(self.redis_maxmemory_mb),
             "XNAI_LLM_MODEL": self.llm_model,
             "XNAI_ENCODER_MODEL": self.encoder_model,
@@ -302,6 +330,7 @@ class Settings:
             "XNAI_PLAN": self.plan_overrides,
             "XNAI_SCHEDULE": self.schedule,
             "XNAI_MODEL_POOL": self.model_pool,
+            "XNAI_REDIS_TLS_PORT": self.redis_tls_port,
         }
         env.update({name: str(value) for name, value in optional.items() if value is not None})
         return env
@@ -309,6 +338,14 @@ class Settings:
     def queue_cap(self, role: str) -> int:
         """The most messages ``role``'s queue may hold (0: no cap): its own override, else XNAI_MAX_QUEUE."""
         return dict(self.queue_caps).get(role, self.max_queue)
+
+    @property
+    def default_agent(self) -> str:
+        """The agent a producer on this host signs as: the copilot, or on a host joined to a hub the role whose
+        credential it connects with (it holds no other private key)."""
+        if self.joined_roles and self.redis_url is not None:
+            return urlsplit(self.redis_url).username or self.joined_roles[0]
+        return "copilot"
 
     @property
     def embedded(self) -> bool:
@@ -340,7 +377,9 @@ class Settings:
     def broker_url(self) -> str:
         """The URL Celery and the client connect with."""
         if self.redis_url is not None:
-            return self.redis_url
+            from xnai_tasks.security.tls import with_tls_files
+
+            return with_tls_files(self.redis_url, self.home)  # rediss://: this home's CA and client certificate
         return f"redis+socket://{self.redis_socket}"
 
     @property
@@ -364,19 +403,33 @@ class _ProcessSettings:
     def __init__(self) -> None:
         self.value: Settings | None = None
 
-    def get(self) -> Settings:
+    def get(self, acting_as: str | None = None) -> Settings:
         # A forked child inherits them with the parent's environment; a fresh interpreter reads its own.
         if self.value is None:
-            self.value = Settings.from_env()
+            self.value = Settings.from_env(acting_as=acting_as)
         return self.value
 
 
 _process = _ProcessSettings()
 
 
-def process_settings() -> Settings:
-    """This process's settings, read from the environment the first time they are asked for."""
-    return _process.get()
+def process_settings(acting_as: str | None = None) -> Settings:
+    """This process's settings, read from the environment the first time they are asked for (``acting_as``: the
+    role whose credential a host joined to a hub connects with, see :meth:`Settings.from_env`)."""
+    return _process.get(acting_as)
+
+
+def _joined(settings: Settings, acting_as: str | None) -> Settings:
+    """On a host joined to a hub (XNAI_HOME/host.json), the hub's URL carrying the acting role's credential."""
+    from dataclasses import replace
+
+    from xnai_tasks.security.joined_host import read_joined
+
+    joined = read_joined(settings.home)
+    if joined is None:
+        return settings
+    role = acting_as if acting_as in joined.roles else joined.roles[0]
+    return replace(settings, redis_url=joined.url(role), joined_roles=joined.roles)
 
 
 def _check_fits_host(settings: Settings) -> None:
@@ -521,6 +574,19 @@ def _parse_redis_url(raw: str) -> str:
         raise SettingsError(f"XNAI_REDIS_URL={raw!r} names no host")
     elif port is not None and port == 0:
         raise SettingsError(f"XNAI_REDIS_URL={raw!r} has port 0")
+    return raw
+
+
+def _parse_bind(raw: str) -> str:
+    """XNAI_REDIS_TLS_BIND: an IP address (or a host name, resolved when the terminator starts)."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", raw):
+        raise SettingsError(f"XNAI_REDIS_TLS_BIND={raw!r} is neither an IP address nor a host name")
     return raw
 
 

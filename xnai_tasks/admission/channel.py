@@ -13,6 +13,7 @@ Every Celery app of the project uses it (:class:`XnaiAMQP`); the caps come in th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -22,9 +23,11 @@ from kombu import Connection
 from kombu.connection import ConnectionPool, PooledConnection
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import dumps
+from redis.commands.core import Script
 
 from xnai_tasks.admission.throughput import recent_rate, retry_after_s
 from xnai_tasks.core import constants as c
+from xnai_tasks.core.channel_client import ReusedClientChannel
 from xnai_tasks.errors import OverloadedError
 
 #: KEYS: the queue's priority lists; ARGV: the cap, the index in KEYS of the list to push to, the message.
@@ -38,9 +41,15 @@ return {1, depth + 1}
 """
 
 
-def admit(client: redis.Redis, keys: list[str], target: str, cap: int, payload: str) -> tuple[bool, int]:
-    """Push ``payload`` to ``target`` (one of ``keys``) unless the lists hold ``cap`` or more; (pushed, depth)."""
-    reply = client.register_script(ADMIT_SCRIPT)(keys=keys, args=[cap, keys.index(target) + 1, payload])
+def admit(
+    client: redis.Redis, keys: list[str], target: str, cap: int, payload: str, script: Script | None = None
+) -> tuple[bool, int]:
+    """Push ``payload`` to ``target`` (one of ``keys``) unless the lists hold ``cap`` or more; (pushed, depth).
+
+    ``script``: :data:`ADMIT_SCRIPT` registered already (any client's: it runs on ``client``).
+    """
+    script = script if script is not None else client.register_script(ADMIT_SCRIPT)
+    reply = script(keys=keys, args=[cap, keys.index(target) + 1, payload], client=client)
     return bool(int(reply[0])), int(reply[1])
 
 
@@ -62,8 +71,8 @@ def overloaded(client: redis.Redis, queue: str, cap: int, depth: int) -> Overloa
     )
 
 
-class AdmissionChannel(kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis channel whose pushes to a capped queue are refused beyond the cap."""
+class AdmissionChannel(ReusedClientChannel, kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel whose pushes to a capped queue are refused beyond the cap (one client per pool)."""
 
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "xnai_queue_caps")
     xnai_queue_caps: Mapping[str, int] = MappingProxyType({})
@@ -76,9 +85,14 @@ class AdmissionChannel(kombu_redis.Channel):  # type: ignore[misc]
         target = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         keys = c.queue_keys(queue)
         with self.conn_or_acquire() as client:
-            pushed, depth = admit(client, keys, target, cap, dumps(message))
+            pushed, depth = admit(client, keys, target, cap, dumps(message), self._admit_script)
             if not pushed:
                 raise overloaded(client, queue, cap, depth)
+
+    @cached_property
+    def _admit_script(self) -> Script:
+        """:data:`ADMIT_SCRIPT`, made once (its SHA is computed once; it is loaded again if Redis forgot it)."""
+        return self._create_client().register_script(ADMIT_SCRIPT)
 
 
 class AdmissionTransport(kombu_redis.Transport):  # type: ignore[misc]

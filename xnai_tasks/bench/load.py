@@ -17,6 +17,7 @@ and :meth:`Profile.env` hands it to the workers.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import time
@@ -258,6 +259,33 @@ def load_stack(settings: Settings, profile: Profile) -> Iterator[tuple[Settings,
             control.close()
 
 
+#: What a process of a running stack has in its command line (``--running``: the stack was started elsewhere).
+STACK_MARKERS = ("xnai", "celery", "redis-server")
+
+
+@contextmanager
+def running_stack(settings: Settings) -> Iterator[tuple[Settings, Client, list[int]]]:
+    """The stack ``settings`` point at, already running (on this host or on several), and a client.
+
+    Its processes are every process of this machine whose command line names xnai, Celery or Redis (network
+    namespaces standing for hosts share the machine's process table); the bench's own is left out.
+    """
+    from xnai_tasks.core import broker
+
+    broker.require_reachable(settings)
+    own = os.getpid()
+    roots = [
+        proc.pid
+        for proc in psutil.process_iter(["cmdline"])
+        if proc.pid != own and any(m in " ".join(proc.info["cmdline"] or ()) for m in STACK_MARKERS)
+    ]
+    client = Client(settings)
+    try:
+        yield settings, client, roots
+    finally:
+        client.close()
+
+
 def _stack_pids(stack: Stack) -> list[int]:
     pids = [proc.pid for proc in stack.children.values()]
     process = getattr(stack.redis, "process", None)
@@ -404,7 +432,8 @@ def run_profile(settings: Settings, profile: Profile, options: LoadOptions) -> d
     from xnai_tasks.security.acl import ADMIN
     from xnai_tasks.security.redis_urls import connection_url
 
-    with load_stack(settings, profile) as (bench, client, roots):
+    stack = running_stack(settings) if options.running else load_stack(settings, profile)
+    with stack as (bench, client, roots):
         _warm_up(client)
         bench.telemetry_dir.mkdir(parents=True, exist_ok=True)
         conn = broker.connect(connection_url(bench, ADMIN))
@@ -483,11 +512,13 @@ def _cell(key: str, figures: Mapping[str, Any] | None) -> str:
 
 
 def format_table(profiles: Mapping[str, Mapping[str, Any]]) -> str:
-    """The designed-against table: metric | then | target | baseline | tuned (``-``: the profile did not run)."""
-    rows = [("metric", "then", "target", "baseline", "tuned")]
+    """The designed-against table: metric | then | target | one column per profile that ran (``-``: baseline or
+    tuned did not run)."""
+    names = list(profiles) if "running" in profiles else ["baseline", "tuned"]
+    rows = [("metric", "then", "target", *names)]
     for title, key, then, target in TARGETS:
-        rows.append((title, then, target, _cell(key, profiles.get("baseline")), _cell(key, profiles.get("tuned"))))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        rows.append((title, then, target, *(_cell(key, profiles.get(name)) for name in names)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -498,8 +529,10 @@ def run_load(settings: Settings, _: BenchOptions, options: LoadOptions | None = 
     options = options or LoadOptions()
     if options.profile not in (*PROFILES, "both"):
         raise UsageError(f"unknown profile {options.profile!r} (profiles: {', '.join(PROFILES)}, both)")
-    names = list(PROFILES) if options.profile == "both" else [options.profile]
-    profiles = {name: run_profile(settings, PROFILES[name], options) for name in names}
+    chosen = [PROFILES[name] for name in (PROFILES if options.profile == "both" else [options.profile])]
+    if options.running:  # the running stack's switches are its own: one run, named after it
+        chosen = [Profile("running", {})]
+    profiles = {profile.name: run_profile(settings, profile, options) for profile in chosen}
     ratios: dict[str, float | None] = {}
     if len(profiles) == 2:
         base, tuned = profiles["baseline"], profiles["tuned"]
@@ -514,7 +547,7 @@ def run_load(settings: Settings, _: BenchOptions, options: LoadOptions | None = 
             "users": options.users,
             "duration_s": options.duration,
             "seed": options.seed,
-            "profile": options.profile,
+            "profile": "running" if options.running else options.profile,
             "think_s": [0.0, 1.0],
             "llm_max_tokens": LLM_TOKENS,
             "mix": {c.task_name(role, task): weight for role, task, weight in MIX},

@@ -19,13 +19,16 @@ class BenchOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class LoadOptions:
-    """``xnai bench load``'s own options: simulated agents, seconds of load, profiles, seed, plot folder."""
+    """``xnai bench load``'s own options: simulated agents, seconds of load, profiles, seed, plot folder, and
+    whether to load the running stack."""
 
     users: int = 20
     duration: float = 60.0
     profile: str = "both"
     seed: int = 0
     plot_dir: str | None = None
+    #: Load the stack the settings point at, already running (e.g. on several hosts), instead of a private one.
+    running: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

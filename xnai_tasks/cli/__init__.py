@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import click
 
-from xnai_tasks.cli import acl, bench, cache, keys, metrics, plan, report, stack, status, tasks, workflows
+from xnai_tasks.cli import acl, bench, cache, host, keys, metrics, plan, report, stack, status, tasks, tls, workflows
 from xnai_tasks.cli.parsing import PROG, Group, parse_command_line
 from xnai_tasks.cli.words import CommandLineError
 from xnai_tasks.errors import UsageError, XnaiError
@@ -35,6 +35,8 @@ cli = Group(
         keys.keys_command,
         plan.plan_command,
         acl.acl_command,
+        tls.tls_command,
+        host.host_command,
         stack.demo_command,
     ],
 )
@@ -51,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return UsageError.exit_code
     try:
         # Read once the command line is known good: a usage error is reported before a bad setting.
-        ctx.obj = process_settings()
+        ctx.obj = process_settings(acting_as=_acting_role(ctx))
         with ctx:
             code: int = ctx.command.invoke(ctx)
         return code
@@ -61,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xnai: interrupted", file=sys.stderr)
         return 130
+
+
+def _acting_role(ctx: click.Context) -> str | None:
+    """The role ``worker ROLE`` and ``submit ROLE`` act as: on a host joined to a hub, whose credential they use."""
+    role = ctx.params.get("role") if ctx.command.name in ("worker", "submit") else None
+    return role if isinstance(role, str) else None
 
 
 __all__ = ["cli", "main"]

@@ -28,6 +28,7 @@ from xnai_tasks.settings import Settings
 @click.option("--seed", type=Number(int, low=0), default=0, help="the workload's seed (load)")
 @click.option("--plot", "plot_dir", default=None, metavar="DIR", help="PNG plots into DIR (load)")
 @click.option("--chunks", type=Number(int, low=1), default=10_000, help="chunks in the bank (search)")
+@click.option("--running", is_flag=True, help="load the stack already running at XNAI_REDIS_URL (load)")
 @click.pass_obj
 def bench_command(
     settings: Settings,
@@ -46,6 +47,7 @@ def bench_command(
     seed: int,
     plot_dir: str | None,
     chunks: int,
+    running: bool,
 ) -> int:
     """Run a benchmark side by side with its baseline (``gate``: quick runs of all, against bench/baseline.json)."""
     from xnai_tasks.bench import BENCHMARKS
@@ -67,7 +69,9 @@ def bench_command(
         from xnai_tasks.bench.load import run_load
         from xnai_tasks.bench.options import LoadOptions
 
-        load = LoadOptions(users=users, duration=duration, profile=profile, seed=seed, plot_dir=plot_dir)
+        load = LoadOptions(
+            users=users, duration=duration, profile=profile, seed=seed, plot_dir=plot_dir, running=running
+        )
         report = run_load(settings, options, load)
     elif name == "overload":
         from xnai_tasks.bench.options import OverloadOptions

@@ -47,7 +47,9 @@ def keys_command(
         patterns = key_admin.authorize(home, args[0], args[1:], replace=replace)
         print(f"{args[0]} may dispatch: {', '.join(patterns)}")
     else:  # revoke
-        entry = key_admin.revoke(home, _one(args, "revoke KID"))
+        # an external Redis: published with the configured URL (an admin's, on the hub); embedded: its admin
+        admin_url = None if settings.embedded or settings.joined_roles else settings.broker_url
+        entry = key_admin.revoke(home, _one(args, "revoke KID"), admin_url=admin_url)
         print(f"revoked {entry.kid} of {entry.agent}")
     return 0
 

@@ -50,6 +50,8 @@ def up_command(settings: Settings, roles: str, no_flower: bool) -> int:
             if not no_flower:
                 print(f"flower    http://127.0.0.1:{settings.flower_port}/", flush=True)
             print(f"metrics   http://{c.METRICS_HOST}:{settings.metrics_port}/metrics", flush=True)
+            if settings.embedded and settings.redis_tls_port is not None:
+                print(f"redis tls {settings.redis_tls_bind}:{settings.redis_tls_port} (mutual TLS)", flush=True)
             print("xnai up: ready (Ctrl-C stops everything)", flush=True)
             stack.run_forever(lambda line: print(line, flush=True))
     except StopRequested as stop:
@@ -79,14 +81,20 @@ def redis_command(settings: Settings) -> int:
     from xnai_tasks.observability.logs import setup_logging
     from xnai_tasks.ops.redis_server import EmbeddedRedis
     from xnai_tasks.ops.supervisor import StopRequested, raise_on_stop_signals
+    from xnai_tasks.ops.tls_proxy import ProxyThread, TlsProxy
 
     if not settings.embedded:
         raise UsageError("XNAI_REDIS_URL is set: an external Redis is used, there is nothing to start")
+    # XNAI_REDIS_TLS_PORT: the TLS terminator beside it, in a thread (xnai up runs it as a process of its own)
+    proxy = None if settings.redis_tls_port is None else ProxyThread(TlsProxy.for_settings(settings))
     raise_on_stop_signals()
     setup_logging(settings)
     try:
         with EmbeddedRedis(settings) as server:
             print(f"redis: serving on {server.socket_path}", flush=True)
+            if proxy is not None:
+                proxy.start()
+                print(f"redis: TLS on {settings.redis_tls_bind}:{settings.redis_tls_port}", flush=True)
             if server.process is None:
                 import signal
 
@@ -95,6 +103,9 @@ def redis_command(settings: Settings) -> int:
                 server.process.wait()
     except StopRequested:
         pass
+    finally:
+        if proxy is not None:
+            proxy.stop()
     return 0
 
 

@@ -40,7 +40,7 @@ def submit_command(
     from xnai_tasks.client.sync import Client
 
     arguments = json_object(kwargs)
-    client = Client(settings)
+    client = Client(settings, agent=settings.default_agent)
     try:
         expires_s = timeout if wait else None  # nobody waits for it after that: a worker drops it unrun
         handle = client.submit(role, task, require_worker=require_worker, expires_s=expires_s, cache=cache, **arguments)

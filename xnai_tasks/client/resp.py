@@ -6,7 +6,6 @@ the async client needs: AUTH, SELECT, SUBSCRIBE, UNSUBSCRIBE, MGET and the repli
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +14,7 @@ from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from xnai_tasks.errors import BrokerUnreachableError
+from xnai_tasks.security.tls import client_context
 
 _CRLF = b"\r\n"
 #: The longest line (simple string, integer, length) a reply may have.
@@ -100,10 +100,8 @@ async def _connect(params: Mapping[str, Any]) -> ByteStream:
     if path:
         return await anyio.connect_unix(str(path))
     tls = params.get("ssl_cert_reqs") is not None or "SSL" in getattr(params.get("connection_class"), "__name__", "")
-    context = ssl.create_default_context(cafile=params.get("ssl_ca_certs")) if tls else None
-    if context is not None and params.get("ssl_cert_reqs") == ssl.CERT_NONE:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    # rediss://: the CA, client certificate and checks of the backend's own parameters (xnai_tasks.security.tls)
+    context = client_context(params) if tls else None
     host = str(params.get("host") or "localhost")
     port = int(params.get("port") or 6379)
     if context is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -22,6 +22,7 @@ def connect(url: str, *, timeout: float = CONNECT_TIMEOUT_S, retries: int = 3) -
     """A redis-py client for a Celery-style Redis URL (``redis://``, ``rediss://``, ``redis+socket://``).
 
     ``retries=0`` makes a dead server fail at once (redis-py otherwise retries with backoff for seconds).
+    A ``rediss://`` URL from the settings names the CA and client certificate (xnai_tasks.security.tls).
     """
     parts = urlsplit(url)
     retry = Retry(NoBackoff(), retries)
@@ -63,7 +64,7 @@ def _ping(url: str) -> None:
     except redis.AuthenticationError:
         return  # it answers; authorisation is decided per command
     except (redis.RedisError, OSError) as exc:
-        raise BrokerUnreachableError(f"broker unreachable at {redact(url)}: {exc}") from None
+        raise BrokerUnreachableError(f"broker unreachable at {redact(url)}: {exc}{_tls_hint(url, exc)}") from None
     finally:
         conn.close()
 
@@ -77,12 +78,27 @@ def queue_depth(conn: redis.Redis, queue: str) -> int:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (nor the TLS file paths a ``rediss://`` one carries), for messages and logs."""
     parts = urlsplit(url)
+    if parts.scheme == "rediss":
+        query = "&".join(item for item in parts.query.split("&") if item and not item.startswith("ssl_"))
+        parts = parts._replace(query=query)
     if not parts.password:
-        return url
+        return parts.geturl() if parts.scheme == "rediss" else url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return parts._replace(netloc=netloc).geturl()
+
+
+def _tls_hint(url: str, exc: BaseException) -> str:
+    """What a failed certificate check means here, in words."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" not in text:
+        return ""
+    if "mismatch" in text:
+        return " (the server's certificate does not name this host: xnai tls init --host NAME on the Redis host)"
+    ca = dict(parse_qsl(urlsplit(url).query)).get("ssl_ca_certs")
+    where = ca or "the system's CAs"
+    return f" (the server's certificate is not trusted by {where}: is it the CA of xnai tls init?)"
 
 
 #: Seconds a starting process waits for the embedded Redis, which the Procfile starts beside it.

@@ -16,6 +16,7 @@ from xnai_tasks.core.signal_handlers import install_signals
 from xnai_tasks.ops.flower import add_flower_defaults
 from xnai_tasks.security.control import SignedControl
 from xnai_tasks.security.results import SignedRedisBackend
+from xnai_tasks.security.tls import TlsFiles, is_tls_url, redis_ssl_options
 from xnai_tasks.settings import Settings, process_settings
 
 #: Modules that define each role's tasks (README, Role tasks: one module per role).
@@ -57,6 +58,10 @@ def _config(settings: Settings) -> dict[str, Any]:
     config["xnai_home"] = str(settings.home)
     _, user = celeryconfig.identity(settings)
     config["xnai_control_agent"] = "flower" if user == "flower" else "copilot"
+    if is_tls_url(str(config["broker_url"])):  # rediss://: verify the server, show this host's client certificate
+        options = redis_ssl_options(TlsFiles.of(settings.home))
+        config["broker_use_ssl"] = options
+        config["redis_backend_use_ssl"] = options
     return config
 
 

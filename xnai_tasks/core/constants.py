@@ -109,6 +109,10 @@ LOG_FILE: Final = "xnai.jsonl"
 FLOWER_CREDENTIALS: Final = "flower.json"
 FLOWER_DB: Final = "flower.db"
 BEAT_SCHEDULE_FILE: Final = "beat-schedule"
+#: A host joined to a hub (`xnai host join`): the hub's URL and this host's role credentials (security/joined_host.py).
+JOINED_HOST_FILE: Final = "host.json"
+#: Key ids a joined host learned were revoked (security/revocation_list.py), kept for when Redis is away.
+REVOKED_CACHE_FILE: Final = "revoked.json"
 #: Local telemetry: one JSON line per finished task, one file per process and hour (observability/telemetry.py).
 TELEMETRY_DIR: Final = "telemetry"
 TELEMETRY_SUFFIX: Final = ".jsonl"
@@ -254,6 +258,35 @@ def lost_key_pattern(role: str) -> str:
     return f"{XNAI_KEY_PREFIX}lost:{role}:*"
 
 
+# ---- Dead workers (xnai_tasks/resilience/dead_workers.py): heartbeats, the deliveries each worker holds, fences ----
+# A worker instance is its node name and a token of its process start (``curation@a#1f2e3d``).
+
+
+def alive_key(role: str) -> str:
+    """Sorted set of the role's worker instances, scored by their last heartbeat (Redis server time, seconds)."""
+    return f"{XNAI_KEY_PREFIX}alive:{role}"
+
+
+def held_key(role: str, instance: str) -> str:
+    """Set of the delivery tags one worker instance took and has not settled (its share of ``unacked:ROLE``)."""
+    return f"{XNAI_KEY_PREFIX}held:{role}:{instance}"
+
+
+def held_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`held_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}held:{role}:*"
+
+
+def fenced_key(role: str, instance: str) -> str:
+    """Set of the task ids whose messages were taken from an instance declared dead: it may store no result of them."""
+    return f"{XNAI_KEY_PREFIX}fenced:{role}:{instance}"
+
+
+def fenced_pattern(role: str) -> str:
+    """The ACL pattern of every :func:`fenced_key` of a role."""
+    return f"{XNAI_KEY_PREFIX}fenced:{role}:*"
+
+
 #: Restarts of the embedded Redis kept for ``xnai status``.
 REDIS_RESTARTS_MAX: Final = 50
 
@@ -301,6 +334,11 @@ THROUGHPUT_BUCKETS: Final = 6
 def guard_locks_key() -> str:
     """Hash of the roles the memory guard locked out of Redis (role -> JSON: reason, time); admin only."""
     return f"{XNAI_KEY_PREFIX}guard:locks"
+
+
+def revoked_keys_key() -> str:
+    """String: JSON list of the revoked key ids (security/revocation_list.py); written by admin, read by everyone."""
+    return f"{XNAI_KEY_PREFIX}keys:revoked"
 
 
 # ---- Circuit breakers and model pools (xnai_tasks/resilience): one of each per role and model ----

@@ -18,10 +18,10 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from xnai_tasks.client.outcome import REFUSALS
 from xnai_tasks.core import constants as c
@@ -55,7 +55,8 @@ class Record:
     ts: float
 
     def to_line(self) -> bytes:
-        return (json.dumps(asdict(self), separators=(",", ":"), default=str) + "\n").encode()
+        values = {name: getattr(self, name) for name in _FIELDS}  # flat: no deep copy (dataclasses.asdict)
+        return (json.dumps(values, separators=(",", ":"), default=str) + "\n").encode()
 
     @property
     def started(self) -> float:
@@ -91,6 +92,9 @@ class Record:
         )
 
 
+_FIELDS: Final = tuple(field.name for field in fields(Record))
+
+
 def outcome_of(state: str | None, retval: Any) -> str:
     """``task_postrun``'s state and return value as one of :data:`OUTCOMES`."""
     if state == "SUCCESS":
@@ -114,6 +118,8 @@ class TelemetryWriter:
     def __init__(self) -> None:
         self._fd: int | None = None
         self._key: tuple[str, int] | None = None
+        #: The hour (Unix hours) and pid the open file is for: the file name is formatted only when it changes.
+        self._hour: tuple[int, int] | None = None
         self._started: dict[str, tuple[float, float]] = {}
 
     def started(self, task_id: str) -> None:
@@ -129,9 +135,12 @@ class TelemetryWriter:
     def write(self, settings: Settings, record: Record) -> None:
         if settings.telemetry_days <= 0:
             return
-        key = (hour_of(record.ts), os.getpid())
-        if self._fd is None or key != self._key:
-            self._open(settings, key)
+        hour = (int(record.ts // 3600), os.getpid())  # a UTC hour is a whole number of Unix hours
+        if self._fd is None or hour != self._hour:
+            key = (hour_of(record.ts), hour[1])
+            if self._fd is None or key != self._key:
+                self._open(settings, key)
+            self._hour = hour
         if self._fd is not None:
             os.write(self._fd, record.to_line())  # one write of one line, O_APPEND: never interleaved
 

@@ -83,12 +83,17 @@ def process_specs(
     redis: bool = True,
     guard: bool = True,
     metrics: bool = True,
+    tls: bool = False,
 ) -> list[ProcessSpec]:
-    """The processes of the system, in start order. The Procfile is this list with every option on.
+    """The processes of the system, in start order. The Procfile is this list with every option on but ``tls``.
 
     The memory guard (:mod:`xnai_tasks.ops.memory_guard`) watches the embedded Redis; it has no use on an external one.
+    ``tls``: the embedded Redis' TLS terminator (:mod:`xnai_tasks.ops.tls_proxy`; XNAI_REDIS_TLS_PORT set; under
+    honcho ``xnai redis`` runs it).
     """
     specs = [ProcessSpec("redis", ("redis",))] if redis else []
+    if tls:
+        specs.append(ProcessSpec("tls", ("tls", "serve")))
     if guard:
         specs.append(ProcessSpec("guard", ("guard",)))
     for role in c.ROLES:
@@ -135,6 +140,11 @@ class Stack:
             broker.require_reachable(self.settings)
         init_keys(self.settings.home)
         prepare_metrics_dir(self.settings, clean=True)  # counts of an earlier run are not this run's
+        tls = self.settings.embedded and self.settings.redis_tls_port is not None
+        if tls:  # a missing certificate is one line now, not a terminator that keeps dying
+            from xnai_tasks.ops.tls_proxy import TlsProxy
+
+            TlsProxy.for_settings(self.settings)
         if self.settings.embedded:
             self.redis = EmbeddedRedis(self.settings).start()
             self._redis_restart().started = time.monotonic()
@@ -143,7 +153,7 @@ class Stack:
             if new:
                 print(f"Flower credentials (shown once, kept in {self.settings.home}): {creds.basic_auth}")
         for spec in process_specs(
-            self.roles, flower=self.flower, redis=False, guard=self.settings.embedded, metrics=self.metrics
+            self.roles, flower=self.flower, redis=False, guard=self.settings.embedded, metrics=self.metrics, tls=tls
         ):
             self._spawn(spec)
         return self

@@ -14,6 +14,10 @@ redelivery (its nonce is still ``seen``); one whose task had already stored its 
 connection dropped, before its ack) is only dropped from the unacked hash: the gate would refuse it as a replay.
 A message Redis handed over (BRPOP) just before dying, too late to be recorded as unacked, is pushed back as well
 (:class:`KeepingQoS`): it had left the queue and was in no hash.
+
+A role worker also records each tag it takes as its own and settles it there (:mod:`.dead_workers`): a peer that
+found it silent for ``XNAI_DEAD_AFTER`` may have given its messages back already, and then its late ack, reject
+or restore of such a tag touches nothing (a peer may hold the message under the same tag by now).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +33,14 @@ from celery import states
 from celery.worker.state import successful_requests
 from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 from redis import RedisError
 
+from xnai_tasks.resilience import dead_workers
+from xnai_tasks.resilience.taking import TakingChannel
+from xnai_tasks.security import gate
 from xnai_tasks.security.envelope import GuardedChannel
 from xnai_tasks.security.gate import GatedConsumer
 from xnai_tasks.worker.deliveries import LostWorkerRequest
@@ -48,6 +59,15 @@ class RestoringConsumer(GatedConsumer):
     #: Delivery tags (and their task ids) taken on a connection that was lost, not yet given back.
     _held: dict[str, str | None] | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from xnai_tasks.worker.role import current_role
+
+        role = current_role()
+        # the worker parent, before its pool forks: the children know which instance they store results for
+        if role is not None and dead_workers.this_instance() is None:
+            dead_workers.register(role, str(self.hostname))
+
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         self._held = {**(self._held or {}), **_take_over(getattr(self, "task_consumer", None))}
         super().on_connection_error_after_connected(exc)
@@ -63,6 +83,7 @@ class RestoringConsumer(GatedConsumer):
 
     def connect(self) -> Any:
         conn = super().connect()
+        _start_heartbeat(str(self.app.conf.broker_url))
         if self._held or UNRECORDED:
             self._held = give_back(
                 conn, self._held or {}, finished=lambda task_id: _finished(self.app.backend, task_id)
@@ -75,23 +96,134 @@ class RestoringConsumer(GatedConsumer):
 UNRECORDED: list[Any] = []
 
 
+def _start_heartbeat(redis_url: str) -> None:
+    """This role worker's heartbeat (:mod:`.dead_workers`), from its first connection on."""
+    from xnai_tasks.settings import process_settings
+
+    instance = dead_workers.this_instance()
+    if instance is None:
+        return
+    settings = process_settings()
+    dead_workers.start_heartbeat(
+        instance, redis_url, dead_after_s=settings.dead_after, max_message_age_s=settings.max_message_age
+    )
+
+
 class KeepingQoS(kombu_redis.QoS):  # type: ignore[misc]
-    """kombu's QoS, which keeps a message it could not record as unacked instead of losing it.
+    """kombu's QoS, which keeps a message it could not record as unacked instead of losing it, and which records
+    each tag it takes as this worker instance's own (:mod:`.dead_workers`).
 
     kombu pops a message (BRPOP) and then records it in the unacked hash; when Redis dies between the two, the
     message has left the queue and is in no hash: it exists only here.
+
+    A tag is settled (ack, reject, restore) only while it is still this instance's: a peer that declared it dead
+    gave the message back and took the tag out of its set, and may hold the message itself under the same tag.
     """
+
+    #: True while kombu's visibility sweep restores any worker's tags (whose owner is not known here).
+    _sweeping = False
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         try:
-            super().append(message, delivery_tag)
+            self._append(message, delivery_tag)
         except (RedisError, OSError):
             UNRECORDED.append(message)
             raise
 
+    def _append(self, message: Any, delivery_tag: Any) -> None:
+        instance = dead_workers.this_instance()
+        if instance is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        verdict = gate.take(message)  # verified now: its nonce claim rides in this round trip
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, entry)
+            pipe.sadd(instance.held_key, delivery_tag)
+            task_id = _task_id(message)
+            if task_id is not None:  # delivered to this instance again after a peer restored it: its own again
+                pipe.srem(instance.fenced_key, task_id)
+            claiming = verdict is not None and verdict.queue_claim(pipe)
+            replies = pipe.execute()
+        if claiming and verdict is not None:
+            verdict.claimed(replies)
+        virtual.QoS.append(self, message, delivery_tag)
 
-class KeepingChannel(GuardedChannel):
-    """The guarded channel (security/envelope.py) with :class:`KeepingQoS`."""
+    def ack(self, delivery_tag: Any) -> None:
+        if dead_workers.this_instance() is None:
+            super().ack(delivery_tag)
+            return
+        self.settle(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if dead_workers.this_instance() is None:
+            super().reject(delivery_tag, requeue=requeue)
+            return
+        if requeue:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self.settle(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def settle(self, delivery_tag: Any, client: Any = None) -> bool:
+        """Drop a tag's unacked entry if the tag is still this instance's; whether it was."""
+        instance = dead_workers.this_instance()
+        if instance is None:
+            self._remove_from_indices(delivery_tag).execute()
+            return True
+        with self.channel.conn_or_acquire(client) as conn:
+            keys = [instance.held_key, self.unacked_index_key, self.unacked_key]
+            mine = bool(int(self._settle_script(keys=keys, args=[delivery_tag], client=conn)))
+        if not mine:
+            log.info("delivery %s was given back by a peer while this worker was silent: left to it", delivery_tag)
+        return mine
+
+    @functools.cached_property
+    def _settle_script(self) -> Any:
+        return self.channel.client.register_script(dead_workers.SETTLE_SCRIPT)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        self._sweeping = True
+        try:
+            super().restore_visible(start=start, num=num, interval=interval)
+        finally:
+            self._sweeping = False
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> bool:
+        """kombu's restore of one tag, done only while the tag is this instance's own; whether it was."""
+        instance = dead_workers.this_instance()
+        if instance is None or self._sweeping:
+            super().restore_by_tag(tag, client=client, leftmost=leftmost)
+            return True
+        mine = False
+
+        def restore_transaction(pipe: Any) -> None:
+            nonlocal mine
+            mine = bool(pipe.sismember(instance.held_key, tag))
+            entry = pipe.hget(self.unacked_key, tag) if mine else None
+            pipe.multi()
+            if not mine:
+                return
+            self._remove_from_indices(tag, pipe)
+            pipe.srem(instance.held_key, tag)
+            if entry:
+                message, exchange, routing_key = loads(bytes_to_str(entry))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+
+        with self.channel.conn_or_acquire(client) as conn:
+            conn.transaction(restore_transaction, self.unacked_key, instance.held_key)
+        if not mine:
+            log.info("delivery %s was given back by a peer while this worker was silent: not restored again", tag)
+        return mine
+
+
+class KeepingChannel(TakingChannel, GuardedChannel):
+    """The guarded channel (security/envelope.py) with :class:`KeepingQoS`, which takes a message and records it
+    as unacked in one step (:mod:`.taking`: kombu's BRPOP-then-record loses the message of a worker killed
+    between the two)."""
 
     QoS = KeepingQoS
 
@@ -159,26 +291,28 @@ def give_back(conn: Any, held: dict[str, str | None], *, finished: Callable[[str
     channel = conn.default_channel
     qos = channel.qos
     left = dict(held)
-    restored = dropped = 0
+    restored = dropped = peers = 0
     try:
         restored += _put_back_unrecorded(channel)
         for tag, task_id in held.items():
             if task_id is not None and finished(task_id):
                 qos.ack(tag)  # only its unacked entry is left to remove
                 dropped += 1
+            elif qos.restore_by_tag(tag, leftmost=False) is False:
+                peers += 1  # a peer declared this worker dead and gave it back already
             else:
-                qos.restore_by_tag(tag, leftmost=False)
                 restored += 1
             del left[tag]
     except (OperationalError, RedisError, OSError) as exc:
         log.warning("could not give back %d message(s) yet: %s", len(left), exc)
-    if restored or dropped:
+    if restored or dropped or peers:
         log.warning(
             "broker connection back: %d message(s) taken before it was lost put back in the queue "
-            "(%d already done, dropped)",
+            "(%d already done, dropped; %d given back by a peer already, left to it)",
             restored,
             dropped,
-            extra={"event": "unacked_restored", "restored": restored, "dropped": dropped},
+            peers,
+            extra={"event": "unacked_restored", "restored": restored, "dropped": dropped, "peers": peers},
         )
     return left
 

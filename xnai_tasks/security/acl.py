@@ -71,8 +71,9 @@ PUBSUB_COMMANDS: Final = ("subscribe", "unsubscribe", "psubscribe", "punsubscrib
 SCRIPT_COMMANDS: Final = ("evalsha", "script|load", "script|exists")
 #: ack emulation: MULTI/EXEC pipelines and the WATCH-guarded restore of unacked messages.
 TRANSACTION_COMMANDS: Final = ("watch", "unwatch", "multi", "exec", "discard")
-#: Consuming a queue: BRPOP/RPOP, LPUSH/RPUSH to restore, LLEN/DEL/EXISTS/PEXPIRE for size, purge, expiry.
-CONSUME_COMMANDS: Final = ("brpop", "rpop", "lpush", "rpush", "llen", "del", "exists", "pexpire")
+#: Consuming a queue: BRPOP/RPOP, LPUSH/RPUSH to restore, LLEN/DEL/EXISTS/PEXPIRE for size, purge, expiry;
+#: BLMOVE of a queue list onto itself, a role worker's wait for a message (xnai_tasks/resilience/taking.py).
+CONSUME_COMMANDS: Final = ("brpop", "blmove", "rpop", "lpush", "rpush", "llen", "del", "exists", "pexpire")
 #: The unacked hash and index, the restore mutex (SET NX PX), result and nonce strings.
 DATA_COMMANDS: Final = (
     "get", "mget", "set", "setex", "incr", "incrby", "expire",
@@ -182,6 +183,10 @@ def role_keys(role: str) -> tuple[str, ...]:
         c.pool_pattern(role),  # its own model leases
         c.throughput_pattern(role),  # its recent throughput, counted by its pool processes
         c.cache_role_pattern(role),  # its own response cache: entries, index, sizes, counts (xnai_tasks/cache)
+        # its workers' heartbeats, the deliveries each holds and the fences of dead ones (resilience/dead_workers.py)
+        c.alive_key(role),
+        c.held_pattern(role),
+        c.fenced_pattern(role),
     ]
     if role == "curation":
         keys.append(f"{BANK_KEY_PREFIX}*")
@@ -229,6 +234,7 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
         keys += [f"{read}{k}" for k in result_keys()]
         if modern:  # LLEN of every queue for Flower's broker view; BRPOP/LPUSH need write access
             keys += [f"%R~{k}" for role in c.ROLES for k in queue_patterns(c.queue_for(role))]
+        keys += _revocations_read(modern)
         channels = [
             f"{c.RESULT_KEY_PREFIX}*",
             f"{GROUP_KEY_PREFIX}*",
@@ -241,6 +247,7 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
             commands += BANK_COMMANDS
         keys += [f"~{k}" for k in (*role_keys(user), *control_keys(), *own_result_keys(user))]
         keys += _cache_touches(user, _is_modern(server_version))
+        keys += _revocations_read(modern)
         if user == "copilot":
             # every role's results, read-only: the copilot waits for them and polls chords, but a result
             # in a role's namespace is always that role's own (the memory guard counts it as the role's)
@@ -271,6 +278,13 @@ def user_rules(user: str, *, db: int = 0, server_version: tuple[int, int] = DEFA
 def _cache_touches(user: str, modern: bool) -> list[str]:
     """A worker role reads when the copilot last served each of its cache entries: its eviction order."""
     return [] if user == "copilot" else [f"{'%R~' if modern else '~'}{c.cache_touch_key(user)}"]
+
+
+def _revocations_read(modern: bool) -> list[str]:
+    """The revoked key ids, read-only, for every user but admin (who alone writes them): each process's keyring
+    reads them (security/revocation_list.py). Redis 6.2 has no read-only rule, and a writable list would let a role
+    un-revoke a key: there nobody but admin reads it and revocations travel in the keyring files only."""
+    return [f"%R~{c.revoked_keys_key()}"] if modern else []
 
 
 def _cache_reads(role: str) -> tuple[str, ...]:

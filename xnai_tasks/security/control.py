@@ -80,8 +80,8 @@ class ControlGate:
         self.conn = conn
         self.role = role
 
-    def check(self, body: Any, headers: dict[str, Any]) -> VerifiedControl:
-        """Who signed the command, when it may run; :class:`MessageRejected` saying why not otherwise."""
+    def check(self, body: Any, headers: dict[str, Any], node: str = "") -> VerifiedControl:
+        """Who signed the command, when it may run on ``node``; :class:`MessageRejected` saying why not otherwise."""
         if not isinstance(body, dict):
             raise MessageRejected(Reason.MALFORMED, "control body is not an object")
         method = body.get("method")
@@ -94,7 +94,8 @@ class ControlGate:
         allowed = INSPECT_AGENTS if kind == "inspect" or method in HARMLESS_CONTROL else CONTROL_AGENTS
         if verified.agent not in allowed:
             raise MessageRejected(Reason.NOT_AUTHORIZED, f"{verified.agent} may not send the {kind} command {method}")
-        key = c.control_nonce_key(self.role, verified.nonce)
+        # one ledger entry per node: every worker of the role (one per host) runs a broadcast once, a copy never
+        key = c.control_nonce_key(self.role, f"{node}:{verified.nonce}" if node else verified.nonce)
         if not self.conn.set(key, b"1", nx=True, ex=int(2 * MAX_AGE_S) + 60):
             raise MessageRejected(Reason.REPLAY, f"control command {method} with a nonce already used")
         return verified
@@ -134,7 +135,7 @@ class GatedNode(Node):  # type: ignore[misc]
         headers = dict(message.headers or {}) if message is not None else {}
         gate = self.mailbox.gate_for(self.hostname)
         try:
-            gate.check(body, headers)
+            gate.check(body, headers, self.hostname)
         except MessageRejected as refusal:
             gate.refuse(body, headers, refusal)
             return None

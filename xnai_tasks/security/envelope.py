@@ -21,6 +21,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
+from xnai_tasks.core.channel_client import ReusedClientChannel
 from xnai_tasks.errors import MessageRejected
 from xnai_tasks.security import limits
 from xnai_tasks.security.refusal import Reason
@@ -82,8 +83,9 @@ def _check_body(body: Any, encoding: Any) -> None:
         raise _malformed(f"unknown body encoding {str(encoding)[:30]!r}")
 
 
-class GuardedChannel(kombu_redis.Channel):  # type: ignore[misc]
-    """kombu's Redis channel, checking each item it pops from a queue before building a message of it."""
+class GuardedChannel(ReusedClientChannel, kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel, checking each item it pops from a queue before building a message of it (one client
+    per pool for what it sends outside its event loop: unacked records, acks)."""
 
     def _brpop_read(self, **options: Any) -> bool:
         try:

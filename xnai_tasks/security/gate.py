@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -30,7 +31,7 @@ from xnai_tasks.core import constants as c
 from xnai_tasks.errors import MessageRejected
 from xnai_tasks.security import limits
 from xnai_tasks.security.keyring import Keyring, shared_keyring
-from xnai_tasks.security.ledger import claim_nonce
+from xnai_tasks.security.ledger import claim_nonce, judge_claim, queue_claim
 from xnai_tasks.security.message_signature import Verified, nonce_ttl_s, verify_message
 from xnai_tasks.security.refusal import Reason, show
 from xnai_tasks.settings import Settings, process_settings
@@ -146,6 +147,45 @@ def check_role(headers: dict[str, Any], queues: frozenset[str]) -> str:
     return role
 
 
+@dataclass(slots=True)
+class Verdict:
+    """What :meth:`MessageGate.take` found of a message: its refusal, or what it proved and the claim of its nonce
+    (key, time to live), whose two replies (:func:`~.ledger.queue_claim`) are set when the claim was sent."""
+
+    refusal: MessageRejected | None = None
+    verified: Verified | None = None
+    redelivered: bool = False
+    claim: tuple[str, int] | None = None
+    replies: tuple[Any, Any] | None = None
+
+    def queue_claim(self, pipe: Any) -> bool:
+        """Add the nonce's claim to ``pipe``: True when it was (its two replies come last, for :meth:`claimed`)."""
+        if self.claim is None:
+            return False
+        queue_claim(pipe, *self.claim)
+        return True
+
+    def claimed(self, replies: list[Any]) -> None:
+        """The replies of a pipeline :meth:`queue_claim` added to."""
+        self.replies = (replies[-2], replies[-1])
+
+
+class _Current:
+    """The gate of this worker's task consumer, which its channel's QoS asks to :meth:`~MessageGate.take` a message."""
+
+    def __init__(self) -> None:
+        self.gate: MessageGate | None = None
+
+
+current = _Current()
+
+
+def take(message: Message) -> Verdict | None:
+    """The current gate's verdict on a message being taken; None when this process has no gate."""
+    gate = current.gate
+    return gate.take(message) if gate is not None else None
+
+
 class MessageGate:
     """Checks a message before anything runs, and refuses it loudly when a check fails.
 
@@ -173,6 +213,8 @@ class MessageGate:
         #: Tells the sender and the watchers (``events`` gives the worker's event dispatcher, if any).
         self.notice = RefusalNotice(self._redis, backend, events)
         self._ledgers: dict[str, DeliveryLedger] = {}
+        #: The message :meth:`take` verified last, and its verdict (used by :meth:`check` for that message only).
+        self._taken: tuple[Message, Verdict] | None = None
 
     def admit(self, message: Message) -> bool:
         """True when the message may run; otherwise it has been refused and rejected."""
@@ -184,7 +226,30 @@ class MessageGate:
         return True
 
     def check(self, message: Message) -> Verified:
-        """What the message proved, when it may run; :class:`MessageRejected` saying why not otherwise."""
+        """What the message proved, when it may run; :class:`MessageRejected` saying why not otherwise.
+
+        Verified once: when :meth:`take` saw it already (as it was recorded unacked, its nonce claimed in the same
+        round trip), its verdict is used; otherwise it is verified and its nonce claimed here.
+        """
+        taken, self._taken = self._taken, None
+        verdict = taken[1] if taken is not None and taken[0] is message else None
+        if verdict is not None and verdict.refusal is not None:
+            raise verdict.refusal
+        if verdict is not None and verdict.verified is not None:
+            verified, redelivered = verdict.verified, verdict.redelivered
+        else:
+            verified, redelivered = self.verify(message)
+        # checked first: a copy of a finished message never touches its result
+        if verdict is not None and verdict.replies is not None:
+            judge_claim(*verdict.replies, redelivered=redelivered)
+        else:
+            claim_nonce(self._redis, verified.role, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
+        if redelivered:
+            self._check_deliveries(verified.role, message.headers)
+        return verified
+
+    def verify(self, message: Message) -> tuple[Verified, bool]:
+        """Every check but the nonce's: what the message proved, and whether it was redelivered."""
         headers = message.headers
         if not isinstance(headers, dict):
             raise MessageRejected(Reason.MALFORMED, "headers are not a mapping")
@@ -199,12 +264,22 @@ class MessageGate:
             role=role,
         )
         check_deadline(headers, time.time())  # after the signature: expires is one of the signed headers
-        redelivered = bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
-        # checked first: a copy of a finished message never touches its result
-        claim_nonce(self._redis, role, verified.nonce, self.nonce_ttl_s, redelivered=redelivered)
-        if redelivered:
-            self._check_deliveries(role, headers)
-        return verified
+        return verified, bool(headers.get("redelivered") or message.delivery_info.get("redelivered"))
+
+    def take(self, message: Message) -> Verdict:
+        """Verify a message as it is taken, before it is recorded as unacked (kombu then hands it to :meth:`admit`
+        at once): its :class:`Verdict`, whose nonce claim rides in that record's round trip. Never raises."""
+        try:
+            verified, redelivered = self.verify(message)
+        except MessageRejected as refusal:
+            verdict = Verdict(refusal=refusal)
+        except Exception:  # left to check(), which fails as it always did
+            verdict = Verdict()
+        else:
+            key = c.nonce_key(verified.role, verified.nonce)
+            verdict = Verdict(verified=verified, redelivered=redelivered, claim=(key, self.nonce_ttl_s))
+        self._taken = (message, verdict)
+        return verdict
 
     def _check_deliveries(self, role: str, headers: dict[str, Any]) -> None:
         """A redelivered message past ``XNAI_MAX_DELIVERIES`` (its workers kept dying): refuse it as worker_lost."""
@@ -288,6 +363,7 @@ class GatedConsumer(Consumer):  # type: ignore[misc]
             backend=self.app.backend,
             events=lambda: self.event_dispatcher,
         )
+        current.gate = gate
 
         def on_task_received(message: Message) -> Any:
             if gate.admit(message):

@@ -1,11 +1,13 @@
 """Changing the keyring (``xnai keys ...``): create keys, rotate, revoke, authorize, list.
 
 Every change is made under the keyring's lock and written atomically (:mod:`xnai_tasks.security.key_store`);
-running workers and producers pick it up by themselves (:class:`xnai_tasks.security.keyring.Keyring`).
+running workers and producers pick it up by themselves (:class:`xnai_tasks.security.keyring.Keyring`). A revocation
+is also published to Redis (:mod:`xnai_tasks.security.revocation_list`), where hosts joined to this hub read it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -30,6 +32,9 @@ from xnai_tasks.security.key_store import (
     write_keyring,
 )
 from xnai_tasks.security.keyring import Keyring
+from xnai_tasks.security.revocation_list import publish_from_home
+
+log = logging.getLogger(__name__)
 
 #: Default grace period of a rotated-out key, seconds.
 DEFAULT_GRACE_S: Final = 86400.0
@@ -88,8 +93,9 @@ def rotate(home: Path, agent: str, grace_s: float = DEFAULT_GRACE_S, *, now: flo
     return new
 
 
-def revoke(home: Path, kid: str) -> KeyEntry:
-    """Mark ``kid`` revoked (it never verifies again) and delete its private key file."""
+def revoke(home: Path, kid: str, *, admin_url: str | None = None) -> KeyEntry:
+    """Mark ``kid`` revoked (it never verifies again) and delete its private key file; then publish the revoked
+    keys to Redis as admin (``admin_url``, default: this home's embedded Redis), for the hosts joined to it."""
     with locked(home):
         entries, permissions = read_keyring(keyring_path(home))
         target = next((e for e in entries if e.kid == kid), None)
@@ -99,6 +105,10 @@ def revoke(home: Path, kid: str) -> KeyEntry:
         entries = [target if e.kid == kid else e for e in entries]
         write_keyring(keyring_path(home), entries, permissions)
         unlink_quiet(private_key_path(home, target.agent, kid))
+    problem = publish_from_home(home, admin_url)
+    if problem is not None:
+        # the file is what this host trusts; joined hosts learn it once `xnai host publish` reaches Redis
+        log.warning("revoked %s here; not sent to joined hosts: %s", kid, problem)
     return target
 
 

@@ -1,8 +1,9 @@
 """The keyring: every agent's public keys and who may dispatch what, and each agent's current signer.
 
 Loaded from ``XNAI_HOME/keys`` (:mod:`xnai_tasks.security.key_store`), it notices when the file changed,
-so a revocation or rotation reaches running workers and producers without a restart. Changing it is
-:mod:`xnai_tasks.security.key_admin`'s business.
+so a revocation or rotation reaches running workers and producers without a restart. On a host joined to a hub it
+also reads the hub's revocation list in Redis (:mod:`xnai_tasks.security.revocation_list`), so a key revoked on the
+hub stops verifying here within 5 s too. Changing it is :mod:`xnai_tasks.security.key_admin`'s business.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from xnai_tasks.security.key_store import (
     read_seed,
     stamp,
 )
+from xnai_tasks.security.revocation_list import RevocationFeed, feed_for
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,13 @@ class _State:
     grants: dict[str, frozenset[tuple[str, str]]]
 
 
-def _build_state(entries: Iterable[KeyEntry], permissions: Mapping[str, Sequence[str]]) -> _State:
+def _build_state(
+    entries: Iterable[KeyEntry], permissions: Mapping[str, Sequence[str]], revoked: frozenset[str] = frozenset()
+) -> _State:
     by_kid: dict[str, KeyEntry] = {}
     for entry in entries:
+        if entry.kid in revoked and not entry.revoked:
+            entry = dc_replace(entry, revoked=True)
         if entry.verify_key is None:
             entry = dc_replace(entry, verify_key=VerifyKey(entry.public_key))
         by_kid[entry.kid] = entry
@@ -60,7 +66,8 @@ class Keyring:
 
     Loaded with :meth:`load`, it re-reads ``keyring.json`` when the file changed, looking at most every
     :data:`REFRESH_S` seconds (and at most every :data:`MISS_REFRESH_S` on an unknown key id), so a
-    revocation or rotation reaches running workers without a restart.
+    revocation or rotation reaches running workers without a restart. With a ``feed`` (a host joined to a hub),
+    each of those looks also reads the hub's revocation list, which can only mark keys revoked.
     """
 
     def __init__(
@@ -69,11 +76,16 @@ class Keyring:
         permissions: Mapping[str, Sequence[str]],
         *,
         path: Path | None = None,
+        feed: RevocationFeed | None = None,
     ) -> None:
-        self._state = _build_state(entries, permissions)
+        self._entries = tuple(entries)
+        self._permissions = {agent: tuple(patterns) for agent, patterns in permissions.items()}
+        self._feed = feed
+        self._state = _build_state(self._entries, self._permissions, self._revoked())
         self._path = path
         self._stamp = stamp(path) if path is not None else None
-        self._checked = time.monotonic()
+        # with a feed, the first look is due at once: a keyring loaded just after a revocation must not miss it
+        self._checked = time.monotonic() - (REFRESH_S if feed is not None else 0.0)
 
     @classmethod
     def load(cls, home: Path) -> Keyring:
@@ -81,7 +93,7 @@ class Keyring:
         path = keyring_path(home)
         seen = stamp(path)
         entries, permissions = read_keyring(path)
-        keyring = cls(entries, permissions, path=path)
+        keyring = cls(entries, permissions, path=path, feed=feed_for(home))
         keyring._stamp = seen
         return keyring
 
@@ -141,21 +153,31 @@ class Keyring:
         return (role, task) in grants or (role, "*") in grants or ("*", task) in grants or ("*", "*") in grants
 
     def refresh(self) -> bool:
-        """Re-read the file if it changed since loaded; True when it did. Keeps the old state on error."""
+        """Re-read the file if it changed since loaded, and the hub's revocation list if this host joined one;
+        True when either changed something. Keeps the old state on error."""
         self._checked = time.monotonic()
         if self._path is None:
             return False
+        learned = self._feed is not None and self._feed.poll()
         seen = stamp(self._path)
-        if seen == self._stamp:
+        if seen != self._stamp:
+            self._stamp = seen
+            try:
+                entries, permissions = read_keyring(self._path)
+                self._entries = tuple(entries)
+                self._permissions = {agent: tuple(patterns) for agent, patterns in permissions.items()}
+            except KeyringError as exc:
+                log.warning("keyring not reloaded, keeping the previous one: %s", exc)
+                if not learned:
+                    return False
+        elif not learned:
             return False
-        self._stamp = seen
-        try:
-            entries, permissions = read_keyring(self._path)
-            self._state = _build_state(entries, permissions)
-        except KeyringError as exc:
-            log.warning("keyring not reloaded, keeping the previous one: %s", exc)
-            return False
+        self._state = _build_state(self._entries, self._permissions, self._revoked())
         return True
+
+    def _revoked(self) -> frozenset[str]:
+        """Keys revoked beyond what the file says: the hub's list, on a joined host."""
+        return frozenset() if self._feed is None else self._feed.known()
 
     def _known(self, kid: str) -> KeyEntry:
         found = self._state.by_kid.get(kid)

@@ -56,7 +56,19 @@ def claim_nonce(conn: redis.Redis, role: str, nonce: str, ttl_s: int, *, redeliv
     key = c.nonce_key(role, nonce)
     if conn.set(key, NONCE_SEEN, nx=True, ex=ttl_s):
         return
-    state = conn.get(key)
+    judge_claim(False, conn.get(key), redelivered=redelivered)
+
+
+def queue_claim(pipe: Any, key: str, ttl_s: int) -> None:
+    """Add a nonce's claim to a pipeline: two replies, whether it was claimed and its state (:func:`judge_claim`)."""
+    pipe.set(key, NONCE_SEEN, nx=True, ex=ttl_s)
+    pipe.get(key)
+
+
+def judge_claim(claimed: Any, state: Any, *, redelivered: bool) -> None:
+    """The verdict of :func:`claim_nonce` from its replies: nothing, or :class:`MessageRejected` (``replay``)."""
+    if claimed:
+        return
     if state == NONCE_SEEN and redelivered:
         return
     detail = "nonce already used by a finished task" if state == NONCE_DONE else "nonce already in flight"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-from xnai_tasks.security.acl import USERS
-from xnai_tasks.security.password_file import ensure_passwords
+from xnai_tasks.core import constants as c
+from xnai_tasks.security.acl import ADMIN, USERS
+from xnai_tasks.security.password_file import ensure_passwords, passwords_path
 from xnai_tasks.settings import Settings
 
 
@@ -50,7 +52,22 @@ def url_user(url: str) -> str | None:
 
 def connection_url(settings: Settings, user: str) -> str:
     """The URL a process acting as ``user`` connects with: credentials added for the embedded Redis
-    (which always runs with ACLs), the configured URL unchanged for an external one."""
+    (which always runs with ACLs), the user's own URL on a host joined to a hub (SettingsError when it holds none),
+    the configured URL unchanged for an external one."""
     if settings.embedded:
         return role_broker_url(settings, user, ensure_passwords(settings.home))
+    if settings.joined_roles:
+        from xnai_tasks.security.joined_host import read_joined
+
+        joined = read_joined(settings.home)
+        if joined is not None:
+            return joined.url(user)
     return settings.broker_url
+
+
+def embedded_admin_url(home: Path) -> str | None:
+    """The admin's URL of the embedded Redis of ``home`` when it has one (its socket and passwords exist), else None."""
+    socket = home / c.REDIS_DIR / c.REDIS_SOCKET
+    if not socket.exists() or not passwords_path(home).exists():
+        return None
+    return with_credentials(f"redis+socket://{socket}", ADMIN, ensure_passwords(home)[ADMIN])

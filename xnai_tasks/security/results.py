@@ -25,11 +25,12 @@ from kombu.utils.encoding import bytes_to_str
 from xnai_tasks.admission.throughput import BUCKET_TTL_S, recorder
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError
+from xnai_tasks.resilience.dead_workers import fence_of_running, instance_node, this_instance
 from xnai_tasks.security.keyring import shared_keyring
 from xnai_tasks.security.ledger import finisher, running_nonce_key
 from xnai_tasks.security.publish import process_source
 from xnai_tasks.security.result_signature import sign_result, verify_result
-from xnai_tasks.security.result_store import ResultStore, Riders
+from xnai_tasks.security.result_store import Outcome, ResultStore, Riders
 from xnai_tasks.security.signature import SIG_HEADER
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,14 @@ class VerifyingResultConsumer(ResultConsumer):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._decode_result = self.backend.decode_authentic
+        self._decode_result = self._decode_wanted
         self._stopped = False
         self._catch_up = False
+
+    def _decode_wanted(self, payload: Any) -> Any:
+        """A published result, authentic; a state that is not final only when a waiter listens for states
+        (``on_message``): nobody else uses one, so its signature is not checked and it counts as "not yet"."""
+        return self.backend.decode_authentic(payload, interim=self.on_message is not None)
 
     @contextlib.contextmanager
     def reconnect_on_error(self) -> Iterator[None]:
@@ -267,14 +273,17 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
     def on_chord_part_return(self, request: Any, state: Any, result: Any, **kwargs: Any) -> None:
         """Nothing to count: the copilot polls the header's results."""
 
-    def decode_authentic(self, payload: Any) -> Any:
+    def decode_authentic(self, payload: Any, *, interim: bool = True) -> Any:
         """A published (or, after a reconnect, re-read) result, if its signature is good; else "not yet".
 
         Anyone who may publish on the result channel (every role) could send a fake final state for a task
         a client waits on; such a message is ignored and the client goes on waiting for the real one.
         Which role must have signed it is the client's check (:class:`xnai_tasks.client.sync.TaskHandle`).
+        Without ``interim`` a state that is not final is "not yet" unchecked (its reader has no use for it).
         """
         meta = self.decode(payload)
+        if not interim and isinstance(meta, dict) and meta.get("status") not in states.READY_STATES:
+            return {"status": states.PENDING, "result": None, "task_id": meta.get("task_id")}
         home = self.app.conf.get("xnai_home")
         if home is not None and isinstance(meta, dict) and meta.get("status") != states.PENDING:
             try:
@@ -359,7 +368,16 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
         if riders is None:
             super()._set(key, value, expires)
             return
-        self._result_store.store(_text(key), value, self.expires if expires is None else expires, riders)
+        outcome = self._result_store.outcome(_text(key), value, self.expires if expires is None else expires, riders)
+        if outcome is Outcome.FENCED:
+            instance = this_instance()
+            log.warning(
+                "not storing the result of task %s: its message was given to another worker after a peer declared "
+                "this one (%s) dead",
+                riders.task_id,
+                instance_node(instance.name) if instance is not None else "?",
+                extra={"event": "result_fenced", "task_id": riders.task_id},
+            )
 
 
 def _text(value: Any) -> str:
@@ -367,11 +385,17 @@ def _text(value: Any) -> str:
 
 
 def _riders(task_id: str, state: str) -> Riders:
-    """With the final result of the task this process runs: its nonce marked done, its end counted."""
+    """With the final result of the task this process runs: its nonce marked done, its end counted; with any
+    state of it, the fence of this worker instance checked first (a peer declared it dead and took the task)."""
+    fence = fence_of_running(task_id)
     if state not in states.READY_STATES:
-        return Riders()
+        return Riders(fence_key=fence, task_id=task_id)
     return Riders(
-        nonce_key=running_nonce_key(task_id), count_key=recorder.key_for_result(task_id), count_ttl_s=BUCKET_TTL_S
+        nonce_key=running_nonce_key(task_id),
+        count_key=recorder.key_for_result(task_id),
+        count_ttl_s=BUCKET_TTL_S,
+        fence_key=fence,
+        task_id=task_id,
     )
 
 

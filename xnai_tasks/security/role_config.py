@@ -8,7 +8,7 @@ from typing import Any
 from xnai_tasks.core import constants as c
 from xnai_tasks.security.acl import ADMIN, FLOWER, USERS
 from xnai_tasks.security.password_file import ensure_passwords
-from xnai_tasks.security.redis_urls import with_credentials
+from xnai_tasks.security.redis_urls import connection_url, with_credentials
 from xnai_tasks.settings import Settings
 
 
@@ -39,6 +39,9 @@ def apply_role(conf: MutableMapping[str, Any], settings: Settings, role: str) ->
     if settings.embedded:
         password = ensure_passwords(settings.home)[role]
         conf["broker_url"] = with_credentials(settings.broker_url, role, password)
+        conf["result_backend"] = conf["broker_url"]
+    elif settings.joined_roles:  # a host joined to a hub: the role's own URL from its bundle
+        conf["broker_url"] = connection_url(settings, role)
         conf["result_backend"] = conf["broker_url"]
     conf["xnai_result_role"] = role if role in c.ROLES else None
     options = dict(conf.get("broker_transport_options") or {})

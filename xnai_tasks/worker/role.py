@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.errors import UsageError
+from xnai_tasks.errors import UsageError, XnaiError
 
 
 class _WorkerRole:
@@ -88,4 +88,8 @@ def decide_role(sender: str | None = None, conf: Any = None, options: dict[str, 
     if conf is not None:
         role_config.apply_role(conf, settings, role)
         conf["xnai_control_agent"] = role  # control commands this worker sends are signed as its role
-    use_agent(settings.home, role)
+    try:
+        use_agent(settings.home, role)
+    except XnaiError as exc:  # a revoked or missing key: one line now, not a worker whose every result fails
+        print(f"xnai worker {role}: cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(exc.exit_code) from None
