@@ -19,6 +19,8 @@ class _WorkerRole:
 
     def __init__(self) -> None:
         self.role: str | None = None
+        #: Why this worker cannot sign as its role (no keyring, a revoked key), reported once the broker answers.
+        self.signing_problem: XnaiError | None = None
 
 
 _worker_role = _WorkerRole()
@@ -90,6 +92,10 @@ def decide_role(sender: str | None = None, conf: Any = None, options: dict[str, 
         conf["xnai_control_agent"] = role  # control commands this worker sends are signed as its role
     try:
         use_agent(settings.home, role)
-    except XnaiError as exc:  # a revoked or missing key: one line now, not a worker whose every result fails
-        print(f"xnai worker {role}: cannot start: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(exc.exit_code) from None
+    except XnaiError as exc:  # Celery would log and swallow it: worker/startup.py stops the worker with it
+        _worker_role.signing_problem = exc
+
+
+def signing_problem() -> XnaiError | None:
+    """Why this worker cannot sign as its role (None: it can)."""
+    return _worker_role.signing_problem

@@ -38,7 +38,7 @@ from xnai_tasks.models.registry import ModelRegistry
 from xnai_tasks.plan.host import plan_for
 from xnai_tasks.plan.planner import RolePlan, for_concurrency
 from xnai_tasks.settings import Settings, process_settings
-from xnai_tasks.worker.role import current_role
+from xnai_tasks.worker.role import current_role, signing_problem
 from xnai_tasks.worker.timer import Timer
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,10 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         require_broker()  # before the models load: a dead broker is one line and exit 6, not 100 retries
     except BrokerUnreachableError as exc:
         _fatal(role, exc, exc.exit_code)
+        return
+    problem = signing_problem()  # a revoked or missing key: one line now, not a worker whose every result fails
+    if problem is not None:
+        _fatal(role, problem, problem.exit_code)
         return
     from xnai_tasks.batching import runtime as batching
 
