@@ -8,6 +8,7 @@ reaches the hub by its socket URL, and runs a real grok worker from its bundle a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -28,14 +29,15 @@ from xnai_tasks.core.broker import connect
 from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.errors import KeyringError, ResultSignatureError, SettingsError, TaskTimeoutError, UsageError
 from xnai_tasks.security import bundle as bundles
-from xnai_tasks.security.joined_host import joined_host_path
+from xnai_tasks.security import revocation_list
+from xnai_tasks.security.joined_host import check_not_in_clear, joined_host_path
 from xnai_tasks.security.key_pair import KeyStatus, Signer
 from xnai_tasks.security.key_store import keyring_path, keys_dir, read_seed
 from xnai_tasks.security.keyring import REFRESH_S, Keyring, load_signer
 from xnai_tasks.security.password_file import ensure_passwords
 from xnai_tasks.security.redis_urls import connection_url
 from xnai_tasks.security.result_signature import verify_result
-from xnai_tasks.security.revocation_list import cache_path, read_cache
+from xnai_tasks.security.revocation_list import cache_path, read_cache, revoked_in_keyring
 from xnai_tasks.security.signature import SIG_HEADER
 from xnai_tasks.settings import Settings
 
@@ -147,6 +149,86 @@ def test_bundle_refuses_a_url_with_credentials_or_an_unknown_role(private_settin
     assert bad_url.returncode == 2 and "must not carry a user or password" in one_line(bad_url)
     assert bad_role.returncode == 2 and "unknown role 'ghost'" in one_line(bad_role)
     assert not Path("/tmp/never.json").exists()
+
+
+def test_bundle_refuses_a_plain_redis_url_to_another_host(private_settings: Settings) -> None:
+    # Given a plain redis:// URL naming a host on the network
+    url = "redis://10.0.0.9:6379/0"
+    # When a bundle is asked for it
+    done = run_xnai(["host", "bundle", "grok", "--url", url, "-o", "/tmp/never.json"], private_settings)
+    # Then it is one line, exit 2, pointing at rediss://, and nothing is written
+    line = one_line(done)
+    assert done.returncode == 2 and "is plain redis:// to 10.0.0.9, which is not loopback" in line, line
+    assert "use rediss:// (xnai tls init on the hub, XNAI_REDIS_TLS_PORT)" in line
+    assert not Path("/tmp/never.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("redis://127.0.0.1:6379/0", True),
+        ("redis://127.8.0.1:6379/0", True),
+        ("redis://[::1]:6379/0", True),
+        ("redis://LocalHost:6379/0", True),
+        ("rediss://hub.example:6380/0", True),
+        ("redis+socket:///tmp/redis.sock", True),
+        ("redis://hub.example:6379/0", False),
+        ("redis://[fe80::1]:6379/0", False),
+        ("redis://localhost.evil.example:6379/0", False),
+    ],
+)
+def test_only_a_loopback_hub_may_be_plain_redis(url: str, allowed: bool) -> None:
+    # Given a hub URL; When it is checked for a bundle
+    if allowed:
+        # Then loopback, TLS and socket URLs pass as they are
+        assert check_not_in_clear(url, "--url") == url
+    else:
+        # And a plain one to another host is refused, naming the URL
+        with pytest.raises(UsageError, match=r"^--url '.*' is plain redis:// to .*: .* use rediss://"):
+            check_not_in_clear(url, "--url")
+
+
+# ---- the revocation list in Redis ----
+
+
+def test_a_malformed_revocation_list_is_replaced_by_the_keyrings(
+    private_stack: Any, private_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given the hub's Redis holding a malformed revocation list
+    keyring_revoked = revoked_in_keyring(private_settings.home)
+    with admin_connection(private_settings) as admin:
+        admin.set(c.revoked_keys_key(), b"{not a list")
+        caplog.set_level(logging.WARNING, logger=revocation_list.__name__)
+        # When the hub publishes its revoked keys
+        published = revocation_list.publish(admin, keyring_revoked)
+        # Then the list is the keyring's again, with one warning line saying so
+        assert published == keyring_revoked
+        assert admin.get(c.revoked_keys_key()) == revocation_list.encode(keyring_revoked)
+    warnings = [m for m in caplog.messages if "revocation list in Redis is malformed" in m]
+    assert len(warnings) == 1 and "replacing it with the keyring's" in warnings[0], caplog.messages
+    # And `xnai host publish` works on it from then on
+    done = run_xnai(["host", "publish"], private_settings)
+    assert done.returncode == 0 and done.stdout.startswith("published "), done.stderr
+
+
+def test_publishing_gives_up_after_bounded_retries(
+    private_stack: Any, private_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given another writer that changes the list between each WATCH and EXEC of the hub's publish
+    attempts = []
+    real_decode = revocation_list.decode
+    with admin_connection(private_settings) as admin, admin_connection(private_settings) as other:
+
+        def racing_decode(raw: Any) -> frozenset[str]:
+            attempts.append(raw)
+            other.set(c.revoked_keys_key(), revocation_list.encode([]))
+            return real_decode(raw)
+
+        monkeypatch.setattr(revocation_list, "decode", racing_decode)
+        # When the hub publishes, Then it stops after the bound, in one line
+        with pytest.raises(redis.RedisError, match=r"changed under each of 10 attempts to publish: try again$"):
+            revocation_list.publish(admin, [])
+    assert len(attempts) == revocation_list.PUBLISH_ATTEMPTS == 10
 
 
 # ---- joining ----
@@ -264,7 +346,8 @@ BAD_BUNDLES = {
     "missing field": (lambda d: d.pop("keyring"), True, "has no field 'keyring'"),
     "unknown field": (lambda d: d.update(admin_password="x"), True, "unknown field 'admin_password'"),
     "swapped key": (_other_seed, True, "is not the key"),
-    "other server": (lambda d: d.update(hub="redis://10.0.0.9:6379/0"), True, "does not point at the hub"),
+    "other server": (lambda d: d.update(hub="redis://127.0.0.2:6379/0"), True, "does not point at the hub"),
+    "plain remote hub": (lambda d: d.update(hub="redis://10.0.0.9:6379/0"), True, "is plain redis:// to 10.0.0.9"),
 }
 
 
@@ -367,6 +450,36 @@ def test_bundle_refuses_tls_without_a_client_certificate_or_ca_key(private_setti
         # When a bundle is made, then it is refused in one line
         with pytest.raises(UsageError, match=r"no client certificate .* for 'edge2', and no CA key here"):
             bundles.make_bundle(hub, ensure_passwords(hub), ["grok"], "rediss://hub.example:6380/0", host="edge2")
+    finally:
+        shutil.rmtree(hub, ignore_errors=True)
+
+
+def test_a_hub_with_a_ca_requires_a_host_name_for_each_bundle(private_settings: Settings) -> None:
+    # Given a hub home with a TLS CA (a copy of the module's hub keys)
+    from xnai_tasks.security.certificates import ensure_ca
+    from xnai_tasks.security.tls import TlsFiles
+
+    hub = short_home()
+    try:
+        shutil.copytree(keys_dir(private_settings.home), keys_dir(hub))
+        ensure_ca(TlsFiles.of(hub))
+        argv = ["host", "bundle", "grok", "--url", "rediss://hub.example:6380/0", "-o", str(hub / "b.json")]
+        # When a bundle is asked for without --host, or with a name that is not one
+        bare = run_xnai(argv, env={"XNAI_HOME": str(hub)})
+        climbing = run_xnai([*argv, "--host", "../server"], env={"XNAI_HOME": str(hub)})
+        # Then each is one line, exit 2, and no bundle is written (no shared TLS identity, no server key)
+        assert bare.returncode == 2 and "this hub has a TLS CA: name the host with --host NAME" in one_line(bare)
+        assert climbing.returncode == 2 and "--host '../server' is not a host name" in one_line(climbing)
+        assert not (hub / "b.json").exists()
+        # And two hosts of the same roles get two certificates, while a host bundled again keeps its own
+        made = {
+            name: bundles.make_bundle(hub, ensure_passwords(hub), ["grok"], "rediss://hub.example:6380/0", host=name)
+            for name in ("edge1", "edge2")
+        }
+        assert made["edge1"].tls is not None and made["edge2"].tls is not None
+        assert made["edge1"].tls.key != made["edge2"].tls.key
+        again = bundles.make_bundle(hub, ensure_passwords(hub), ["grok"], "rediss://hub.example:6380/0", host="edge1")
+        assert again.tls == made["edge1"].tls
     finally:
         shutil.rmtree(hub, ignore_errors=True)
 

@@ -339,7 +339,43 @@ def test_a_plain_connection_is_refused_without_a_redis_reply(server: Settings) -
     # Then the connection is closed with no Redis reply, and one line says why
     assert reply == b""
     lines = log_lines(server, f"refused 127.0.0.1:{local_port}:")
-    assert len(lines) == 1 and "not TLS: a plain-text connection" in lines[0], lines
+    reason = "not TLS: a plain-text connection (14 bytes, a Redis command (RESP))"
+    assert lines == [f"tls proxy: refused 127.0.0.1:{local_port}: {reason}"], lines
+
+
+def test_a_plain_inline_auth_is_refused_without_logging_its_bytes(server: Settings) -> None:
+    # Given the terminator of `xnai up`, and a telnet-like client typing an inline AUTH with a password
+    assert server.redis_tls_port is not None
+    secret = b"AUTH grok s3cret-in-clear\r\n"
+    # When it sends it in plain text
+    with socket.create_connection((LOOPBACK, server.redis_tls_port), timeout=10) as sock:
+        local_port = sock.getsockname()[1]
+        sock.sendall(secret)
+        reply = sock.recv(4096)
+    # Then it is refused in one line giving the byte count and kind, and no byte of what it sent
+    assert reply == b""
+    lines = log_lines(server, f"refused 127.0.0.1:{local_port}:")
+    reason = f"not TLS: a plain-text connection ({len(secret)} bytes, an inline command)"
+    assert lines == [f"tls proxy: refused 127.0.0.1:{local_port}: {reason}"], lines
+    log_text = (server.log_dir / "xnai.jsonl").read_text(encoding="utf-8")
+    assert "s3cret" not in log_text and "AUTH grok" not in log_text
+
+
+@pytest.mark.parametrize(
+    ("opening", "kind"),
+    [
+        (PING, "a Redis command (RESP)"),
+        (b"$4\r\n", "a Redis command (RESP)"),
+        (b"PING\r\n", "an inline command"),
+        (b"auth secret\r\n", "an inline command"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP"),
+        (b"PRI * HTTP/2.0\r\n", "HTTP"),
+        (b"\x00\x01secret", "unrecognised"),
+    ],
+)
+def test_a_plain_text_opening_is_named_by_its_kind(opening: bytes, kind: str) -> None:
+    # Given what a plain-text client sent first; When the terminator names it; Then it is its kind, never its bytes
+    assert tls_proxy.plain_text_kind(opening) == kind
 
 
 def test_a_tls_client_without_a_certificate_is_refused(server: Settings) -> None:
@@ -436,6 +472,11 @@ def test_redis_unreachable_behind_the_terminator_is_one_line(
     while not any("cannot reach Redis" in m for m in caplog.messages) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert any("cannot reach Redis at" in m and "nobody.sock" in m for m in caplog.messages), caplog.messages
+    # And the connecting task, held by the proxy while in flight, is let go once done
+    deadline = time.monotonic() + 5
+    while own_proxy.proxy.tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not own_proxy.proxy.tasks
 
 
 def test_a_taken_port_is_one_line(server: Settings) -> None:

@@ -16,15 +16,18 @@ from xnai_tasks.settings import Settings
 @click.argument("words", nargs=-1)
 @click.option("--url", default=None, help="bundle: the hub's Redis URL as the host reaches it, without credentials")
 @click.option("-o", "--output", default=None, help="bundle: the file to write (default: xnai-host-ROLES.json)")
-@click.option("--host", "host_name", default=None, help="bundle: the host's name in its TLS client certificate")
+@click.option(
+    "--host", "host_name", default=None, help="bundle: the host's name in its TLS client certificate (with a TLS CA)"
+)
 @click.pass_obj
 def host_command(
     settings: Settings, action: str, words: tuple[str, ...], url: str | None, output: str | None, host_name: str | None
 ) -> int:
     """Credentials for a worker host of this hub.
 
-    ACTION is one of: bundle ROLE... --url rediss://HUB:PORT/0 [-o FILE] [--host NAME] (on the hub: a file, mode
-    0600, holding what a host running ROLE... needs and nothing else); join BUNDLE (on that host: install it into
+    ACTION is one of: bundle ROLE... --url rediss://HUB:PORT/0 --host NAME [-o FILE] (on the hub: a file, mode
+    0600, holding what a host running ROLE... needs and nothing else; --host is required when the hub has a TLS
+    CA, and a plain redis:// URL must be loopback); join BUNDLE (on that host: install it into
     its XNAI_HOME, then `xnai worker ROLE` connects to the hub); publish (on the hub: send the revoked keys to
     Redis again, for the joined hosts; `xnai keys revoke` does it by itself with the embedded Redis).
     """
@@ -43,7 +46,7 @@ def _bundle(settings: Settings, roles: tuple[str, ...], url: str | None, output:
         raise UsageError("xnai host bundle ROLE... needs --url, the hub's Redis URL as the host reaches it")
     if settings.joined_roles:
         raise UsageError(f"{settings.home} is a joined host, not a hub: make bundles on the hub")
-    bundle = make_bundle(settings.home, ensure_passwords(settings.home), roles, url, host=host or "-".join(roles))
+    bundle = make_bundle(settings.home, ensure_passwords(settings.home), roles, url, host=host)
     path = Path(output or f"xnai-host-{'-'.join(r.role for r in bundle.roles)}.json")
     digest = write_bundle(path, bundle)
     _publish_quietly(settings)

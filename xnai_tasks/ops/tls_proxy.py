@@ -64,6 +64,22 @@ def _looks_like_tls(data: bytes) -> bool:
     return data[:1] == b"\x16" and (len(data) < 2 or data[1:2] == b"\x03")
 
 
+#: The first word of an HTTP request (a browser or a health check knocking on the TLS port).
+_HTTP_METHODS: Final = (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT", b"PATCH", b"TRACE", b"PRI")
+
+
+def plain_text_kind(data: bytes) -> str:
+    """What a plain-text opening looks like, never its bytes (an inline ``AUTH user secret`` would be a password)."""
+    if data[:1] in (b"*", b"$"):
+        return "a Redis command (RESP)"
+    word = data.split(b" ", 1)[0]
+    if word in _HTTP_METHODS:
+        return "HTTP"
+    if word[:1].isalpha():
+        return "an inline command"
+    return "unrecognised"
+
+
 def _keep_alive(sock: socket.socket | None) -> None:
     """TCP keep-alive: a peer whose host vanished without closing is noticed (and its Redis connection closed)."""
     if sock is None:
@@ -136,7 +152,7 @@ class _Peer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == "hello":
             if not _looks_like_tls(data):
-                self.refuse(f"not TLS: a plain-text connection (it sent {data[:12]!r}...)")
+                self.refuse(f"not TLS: a plain-text connection ({len(data)} bytes, {plain_text_kind(data)})")
                 return
             self.state = "handshake"
         if self.state == "closed":
@@ -185,7 +201,10 @@ class _Peer(asyncio.Protocol):
         self.state = "connecting"
         self.pause("connecting")
         log.debug("tls proxy: %s connected (%s, %s)", self.name, self.tls.version(), self._subject())
-        asyncio.get_running_loop().create_task(self._connect_upstream())
+        # The loop keeps only a weak reference to a task: the proxy holds this one until it is done.
+        task = asyncio.get_running_loop().create_task(self._connect_upstream())
+        self.proxy.tasks.add(task)
+        task.add_done_callback(self.proxy.tasks.discard)
 
     async def _connect_upstream(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,6 +314,8 @@ class TlsProxy:
         self.socket_path = socket_path
         self.context = context
         self.peers: set[_Peer] = set()
+        #: Tasks in flight (connecting to Redis), held here so they are not garbage-collected mid-flight.
+        self.tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def for_settings(cls, settings: Settings) -> TlsProxy:

@@ -36,6 +36,7 @@ from xnai_tasks.errors import KeyringError, UsageError, XnaiError
 from xnai_tasks.security.joined_host import (
     JoinedHost,
     check_hub_url,
+    check_not_in_clear,
     joined_host_path,
     read_joined,
     same_server,
@@ -60,6 +61,8 @@ TLS_FIELDS: Final = ("ca", "cert", "key")
 _MAX_FILE: Final = 16 * 1024 * 1024
 _SEED_RE: Final = re.compile(r"[0-9a-f]{64}")
 _PEM_RE: Final = re.compile(r"-----BEGIN [A-Z0-9 ]+-----\n[\s\S]+-----END [A-Z0-9 ]+-----\n?")
+#: A host's name as :func:`~xnai_tasks.security.certificates.issue_client` takes it (checked before it names a file).
+_HOST_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -120,13 +123,16 @@ def digest_of(body: Mapping[str, Any]) -> str:
 # ---- making one, on the hub ----
 
 
-def make_bundle(home: Path, passwords: Mapping[str, str], roles: Sequence[str], hub: str, *, host: str) -> Bundle:
+def make_bundle(
+    home: Path, passwords: Mapping[str, str], roles: Sequence[str], hub: str, *, host: str | None
+) -> Bundle:
     """The bundle of ``roles`` from the hub's ``home``: their passwords (``passwords``: the hub's), their active
-    private keys and the keyring; the CA and a client certificate for ``host`` when the hub has a TLS CA."""
+    private keys and the keyring; the CA and a client certificate for ``host`` when the hub has a TLS CA (then
+    ``host`` is required: each host its own certificate, never a TLS identity shared by hosts of the same roles)."""
     from xnai_tasks.security.keyring import load_signer
     from xnai_tasks.security.redis_urls import with_credentials
 
-    check_hub_url(hub)
+    check_not_in_clear(check_hub_url(hub), "--url")
     wanted = tuple(dict.fromkeys(roles))
     if not wanted:
         raise UsageError("name at least one role: xnai host bundle ROLE... --url URL")
@@ -149,11 +155,15 @@ def make_bundle(home: Path, passwords: Mapping[str, str], roles: Sequence[str], 
     return Bundle(hub=hub, roles=tuple(credentials), keyring=keyring, tls=_tls_for(home, host))
 
 
-def _tls_for(home: Path, host: str) -> TlsMaterial | None:
+def _tls_for(home: Path, host: str | None) -> TlsMaterial | None:
     """The CA and a client certificate for ``host`` (made now, if the hub holds the CA's key and has none yet)."""
     files = TlsFiles.of(home)
     if not files.ca.is_file():
         return None
+    if host is None:
+        raise UsageError("this hub has a TLS CA: name the host with --host NAME (each host its own certificate)")
+    if not _HOST_RE.fullmatch(host):
+        raise UsageError(f"--host {host!r} is not a host name (letters, digits, '.', '_', '-'; at most 64)")
     cert, key = files.issued_client(host)
     if not (cert.is_file() and key.is_file()):
         if not files.ca_key.is_file():
@@ -216,6 +226,7 @@ def _parse(doc: Any) -> Bundle:
         hub = check_hub_url(doc["hub"])
     except UsageError:
         raise UsageError(f"hub {doc['hub']!r} is not a Redis URL without credentials") from None
+    check_not_in_clear(hub, "hub")
     entries = {e.kid: e for e in _keyring_entries(doc["keyring"])}
     if not isinstance(doc["roles"], dict) or not doc["roles"]:
         raise UsageError("roles is not a non-empty object")

@@ -8,6 +8,7 @@ with this host's TLS files (:func:`xnai_tasks.security.tls.with_tls_files`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import stat
@@ -24,6 +25,8 @@ from xnai_tasks.errors import SettingsError, UsageError
 JOINED_VERSION: Final = 1
 #: URL schemes a hub may be reached by (a socket URL: a second XNAI_HOME on the hub's own machine).
 HUB_SCHEMES: Final = ("redis", "rediss", "redis+socket", "unix")
+#: Host names a plain ``redis://`` hub URL may name (besides 127.0.0.0/8 and ::1): this machine, never a network.
+LOOPBACK_NAMES: Final = ("localhost",)
 _MAX_FILE: Final = 1 << 20
 
 
@@ -74,6 +77,26 @@ def check_hub_url(raw: str) -> str:
     elif not parts.hostname or port == 0:
         raise UsageError(f"--url {raw!r} names no host or port")
     return raw
+
+
+def check_not_in_clear(raw: str, what: str) -> str:
+    """``raw`` unless it is a plain ``redis://`` URL to a host that is not loopback (its role passwords and signed
+    messages would cross the network in clear): then UsageError naming ``what`` (``--url``, ``hub``)."""
+    parts = urlsplit(raw)
+    host = parts.hostname or ""
+    if parts.scheme != "redis" or host.lower() in LOOPBACK_NAMES or _is_loopback_address(host):
+        return raw
+    raise UsageError(
+        f"{what} {raw!r} is plain redis:// to {host}, which is not loopback: passwords and messages would cross "
+        "the network in clear; use rediss:// (xnai tls init on the hub, XNAI_REDIS_TLS_PORT)"
+    )
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def same_server(url: str, hub: str) -> bool:

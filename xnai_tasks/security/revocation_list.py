@@ -30,6 +30,8 @@ _KID_RE: Final = re.compile(r"[0-9a-f]{16}")
 MAX_BYTES: Final = 1 << 20
 #: Seconds a feed waits for Redis: the keyring is read on the way of a message, so a slow Redis must not hold it.
 READ_TIMEOUT_S: Final = 1.0
+#: Attempts to publish while other writers keep changing the list (WATCH) before giving up.
+PUBLISH_ATTEMPTS: Final = 10
 
 
 def encode(kids: Iterable[str]) -> bytes:
@@ -43,26 +45,38 @@ def decode(raw: Any) -> frozenset[str]:
         return frozenset()
     if len(raw) > MAX_BYTES:
         raise ValueError("revocation list too large")
-    kids = json.loads(raw)
+    try:
+        kids = json.loads(raw)
+    except RecursionError:  # "[[[[..." nested deeper than Python's stack
+        raise ValueError("revocation list nested too deep") from None
     if not isinstance(kids, list) or not all(isinstance(k, str) and _KID_RE.fullmatch(k) for k in kids):
         raise ValueError("revocation list is not a list of key ids")
     return frozenset(kids)
 
 
 def publish(conn: redis.Redis, kids: Iterable[str]) -> frozenset[str]:
-    """Add ``kids`` to the list (as admin: no other user may write it); the whole list afterwards."""
-    key = c.revoked_keys_key()
+    """Add ``kids`` to the list (as admin: no other user may write it); the whole list afterwards.
+
+    A stored list that is malformed is replaced by ``kids`` (one warning): the keyring file ``kids`` comes from is
+    the authority, and the list can only take trust away, so nothing the hub decided is lost. RedisError after
+    :data:`PUBLISH_ATTEMPTS` attempts that another writer interrupted."""
+    key, wanted = c.revoked_keys_key(), frozenset(kids)
     with conn.pipeline(transaction=True) as pipe:
-        while True:
+        for _ in range(PUBLISH_ATTEMPTS):
             try:
                 pipe.watch(key)
-                merged = decode(pipe.get(key)) | set(kids)
+                try:
+                    merged = decode(pipe.get(key)) | wanted
+                except ValueError as exc:
+                    log.warning("the revocation list in Redis is malformed (%s): replacing it with the keyring's", exc)
+                    merged = wanted
                 pipe.multi()
                 pipe.set(key, encode(merged))
                 pipe.execute()
                 return merged
             except redis.WatchError:
                 continue
+    raise redis.RedisError(f"{key} changed under each of {PUBLISH_ATTEMPTS} attempts to publish: try again")
 
 
 def revoked_in_keyring(home: Path) -> frozenset[str]:
