@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, states
 from kombu import Connection
 
 import celeryconfig
@@ -41,10 +41,11 @@ from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.resilience import dead_workers
 from xnai_tasks.resilience.reconnect import KeepingChannel, give_back
 from xnai_tasks.security import acl, redis_urls
+from xnai_tasks.security.keyring import load_signer
 from xnai_tasks.security.result_store import Outcome, ResultStore, Riders
 from xnai_tasks.settings import Settings
 
-from support import short_home
+from support import publish_raw, short_home
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 WORKER_ENV = {"PYTHONPATH": TESTS_DIR}
@@ -107,9 +108,11 @@ def node_argv(name: str, concurrency: int = 2) -> list[str]:
 
 
 @contextmanager
-def node(settings: Settings, app: Celery, name: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A curation worker named ``curation@NAME`` (its own process group), online for the block."""
-    proc = start_worker(settings, f"{ROLE}-{name}", env=WORKER_ENV, argv=node_argv(name))
+def node(
+    settings: Settings, app: Celery, name: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A curation worker named ``curation@NAME`` (its own process group, ``env`` added), online for the block."""
+    proc = start_worker(settings, f"{ROLE}-{name}", env=WORKER_ENV | (env or {}), argv=node_argv(name))
     try:
         deadline = time.monotonic() + WAIT_S
         while f"{ROLE}@{name}" not in nodes_online(app, timeout=0.5).get(ROLE, []):
@@ -162,6 +165,19 @@ def submit_naps(client: Client, home: Path, count: int, seconds: float, tag: str
         path = home / f"runs-{tag}-{i}"
         made.append((client.submit(ROLE, "nap", seconds=seconds, runs_file=str(path)), path))
     return made
+
+
+def publish_nap(app: Celery, settings: Settings, seconds: float, path: Path, *, time_limit_s: int) -> str:
+    """A signed ``curation.nap`` message with time limits of its own (Celery's ``timelimit`` header, which the
+    signature does not cover and the worker honours over XNAI_TASK_TIME_LIMIT); its task id."""
+
+    def limit(headers: dict[str, Any]) -> None:
+        headers["timelimit"] = [time_limit_s, time_limit_s - 1]
+
+    kwargs = {"seconds": seconds, "runs_file": str(path)}
+    copilot = load_signer(settings.home, "copilot")
+    task_id, _, _ = publish_raw(app, task=f"{ROLE}.nap", queue=ROLE, kwargs=kwargs, signer=copilot, mutate=limit)
+    return task_id
 
 
 def server_time(conn: redis.Redis) -> float:
@@ -274,6 +290,45 @@ def test_a_paused_worker_is_fenced_and_its_late_results_never_replace_the_live_o
         assert after[0].get(timeout=WAIT_S)["pid"] in p_pool
 
 
+def test_a_fenced_workers_parent_stores_no_result_of_a_task_a_peer_runs(
+    clean: None, private_settings: Settings, private_app: Celery, client: Client, admin: redis.Redis
+) -> None:
+    home = private_settings.home
+    with node(private_settings, private_app, "f") as one, node(private_settings, private_app, "g") as two:
+        # Given a slow task started by one of two workers, whose result channel is watched
+        handle, path = submit_naps(client, home, 1, 20.0, "parent")[0]
+        wait_until(lambda: bool(runs(path)), "the task started")
+        paused, live = (one, two) if runs(path)[0] in pool_pids(one) else (two, one)
+        paused_node = f"{ROLE}@f" if paused is one else f"{ROLE}@g"
+        listener = admin.pubsub(ignore_subscribe_messages=True)
+        listener.subscribe(c.result_key(ROLE, handle.id))
+        # When that worker is paused past XNAI_DEAD_AFTER until its peer has started the task again
+        os.killpg(paused.pid, signal.SIGSTOP)
+        wait_until(lambda: len(runs(path)) == 2, "the task started again on the peer")
+        assert runs(path)[1] in pool_pids(live)
+        # and, back, is told to revoke and terminate its stale run: its parent (not the pool process) stores REVOKED
+        os.killpg(paused.pid, signal.SIGCONT)
+        with client.signing():
+            private_app.control.revoke([handle.id], terminate=True, destination=[paused_node])
+
+        # Then the parent's result is refused by the paused worker's fence, in one line
+        def parent_fenced() -> bool:
+            events = log_events(private_settings, "result_fenced")
+            return any(e.get("task_id") == handle.id and e["pid"] == paused.pid for e in events)
+
+        wait_until(parent_fenced, "the paused worker's parent refused by its fence")
+        # and the waiting client gets the live worker's result, the only final state ever published
+        result = handle.get(timeout=WAIT_S)
+        assert result["pid"] == runs(path)[1] and stored_result(admin, handle.id)["status"] == "SUCCESS"
+        published, drained_at = [], time.monotonic() + 2
+        while time.monotonic() < drained_at:  # everything published since it subscribed waits in its socket
+            if (message := listener.get_message(timeout=0.2)) is not None:
+                published.append(json.loads(message["data"])["status"])
+        listener.close()
+        assert [status for status in published if status in states.READY_STATES] == [states.SUCCESS]
+        wait_until(lambda: not admin.hlen(c.unacked_key(ROLE)), "no unacked message")
+
+
 def test_a_copy_of_a_task_finished_before_its_worker_was_declared_dead_does_not_run_again(
     clean: None, private_settings: Settings, private_app: Celery, client: Client, admin: redis.Redis
 ) -> None:
@@ -341,6 +396,70 @@ def test_a_worker_whose_heartbeat_is_fresh_is_never_touched(
             assert len(runs(path)) == 1
     finally:
         beating.clear()
+
+
+def test_a_live_workers_task_longer_than_the_visibility_timeout_runs_once_and_is_not_swept_back(
+    clean: None, private_settings: Settings, private_app: Celery, client: Client, admin: redis.Redis
+) -> None:
+    # Given a worker whose visibility timeout is 10 s (its sweep for older messages runs every 10 s)
+    short = {"XNAI_VISIBILITY_TIMEOUT": "10", "XNAI_TASK_TIME_LIMIT": "9"}
+    with node(private_settings, private_app, "v", env=short) as live:
+        # When it runs a task for 30 s (a time limit of its own), beating all along
+        path = private_settings.home / "runs-visible"
+        task_id = publish_nap(private_app, private_settings, 30.0, path, time_limit_s=60)
+        wait_until(lambda: bool(runs(path)), "the task started")
+        # Then its sweep never puts the message back: it stays taken, the queue empty, the task run once
+        deadline = time.monotonic() + WAIT_S
+        while not admin.exists(c.result_key(ROLE, task_id)):
+            assert admin.hlen(c.unacked_key(ROLE)) == 1 and not admin.llen(ROLE)
+            assert len(runs(path)) == 1
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        result = client.handle(task_id, ROLE, "nap").get(timeout=WAIT_S)
+        assert runs(path) == [result["pid"]] and result["pid"] in pool_pids(live)
+        # and its acknowledgement leaves nothing taken
+        wait_until(lambda: not admin.hlen(c.unacked_key(ROLE)), "no unacked message")
+        assert not admin.keys(c.held_pattern(ROLE)) and not admin.llen(ROLE)
+
+
+def test_the_visibility_sweep_skips_a_live_holder_and_takes_a_restored_tag_out_of_every_held_set(
+    clean: None, private_settings: Settings, client: Client, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given two messages taken 60 s ago: one by an instance beating now, one by two silent ones (a stale held set)
+    home = private_settings.home
+    submit_naps(client, home, 2, 0.1, "swept")
+    kept_raw, swept_raw = admin.rpop(ROLE), admin.rpop(ROLE)
+    assert kept_raw is not None and swept_raw is not None
+    holder, gone, stale = f"{ROLE}@live#0000d1", f"{ROLE}@gone#0000d2", f"{ROLE}@stale#0000d3"
+    now = server_time(admin)
+    kept = fabricate_holder(admin, holder, kept_raw, beat_at=now)
+    swept = fabricate_holder(admin, gone, swept_raw, beat_at=now - 60)
+    admin.sadd(c.held_key(ROLE, stale), swept)
+    admin.zadd(c.alive_key(ROLE), {stale: now - 60})
+    admin.zadd(c.unacked_index_key(ROLE), {kept: time.time() - 60, swept: time.time() - 60})
+    swept_id = json.loads(swept_raw)["headers"]["id"]
+    # and this process a role worker instance with a visibility timeout of 10 s (no heartbeat of its own running)
+    sweeper = dead_workers.Instance(ROLE, f"{ROLE}@sweeper", "0000d4")
+    monkeypatch.setattr(dead_workers._this, "instance", sweeper)
+    beats = dead_workers.Heartbeat(sweeper, lambda: admin, dead_after_s=DEAD_AFTER_S, fence_ttl_s=60)
+    monkeypatch.setattr(dead_workers._this, "heartbeat", beats)
+    url = redis_urls.connection_url(private_settings, ROLE)
+    options = celeryconfig.transport_options(private_settings, ROLE) | {"visibility_timeout": 10}
+    with Connection(url, transport_options=options) as conn:
+        conn.transport.Channel = KeepingChannel
+        channel = conn.channel()
+        # When kombu's visibility sweep runs
+        channel.qos.restore_visible(num=10, interval=1)
+
+    # Then the live holder's message is left where it is: taken, held, not queued
+    assert admin.hexists(c.unacked_key(ROLE), kept) and admin.sismember(c.held_key(ROLE, holder), kept)
+    # and the other is back in the queue, marked redelivered, in no held set, fenced from both silent holders
+    queued = admin.lrange(ROLE, 0, -1)
+    assert [json.loads(item)["headers"]["id"] for item in queued] == [swept_id]
+    assert json.loads(queued[0])["headers"]["redelivered"] is True
+    assert not admin.hexists(c.unacked_key(ROLE), swept)
+    assert not admin.sismember(c.held_key(ROLE, gone), swept) and not admin.sismember(c.held_key(ROLE, stale), swept)
+    assert admin.sismember(c.fenced_key(ROLE, gone), swept_id) and admin.sismember(c.fenced_key(ROLE, stale), swept_id)
 
 
 def test_a_fenced_worker_settles_nothing_a_peer_took_back(
@@ -477,3 +596,21 @@ def test_a_heartbeat_that_cannot_reach_redis_says_so_once_and_beats_again(
     finally:
         conn.close()
     heartbeat.stop()
+
+
+def test_the_heartbeat_waits_for_a_reply_a_third_of_dead_after_at_most(
+    clean: None, private_settings: Settings, private_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given the heartbeat of a worker declared dead after 6 s
+    monkeypatch.setattr(dead_workers, "_this", dead_workers._This())
+    instance = dead_workers.Instance(ROLE, f"{ROLE}@t", "0000ee")
+    url = redis_urls.connection_url(private_settings, ROLE)
+    heartbeat = dead_workers.start_heartbeat(instance, url, dead_after_s=6, max_message_age_s=60)
+    try:
+        # When it talks to Redis, Then one slow reply (and its one retry) cannot outlast XNAI_DEAD_AFTER
+        connection = heartbeat._redis().connection_pool.connection_kwargs
+        assert connection["socket_timeout"] == 2.0 and connection["retry"].get_retries() == 1
+    finally:
+        heartbeat.stop()
+    # and with a long XNAI_DEAD_AFTER it waits 5 s at most
+    assert dead_workers.reply_timeout_s(30) == 5.0 and dead_workers.reply_timeout_s(5) == pytest.approx(5 / 3)

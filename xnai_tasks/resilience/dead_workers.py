@@ -15,6 +15,9 @@ there, and kombu would put it back only after the visibility timeout (an hour). 
   queue, marked redelivered as kombu's restore does, unless the instance beat again meanwhile or a live instance
   holds that tag now; it fences the instance (``xnai:fenced:ROLE:INSTANCE``: the task ids taken from it) and
   forgets its heartbeat. A restarted worker is a new instance, so its predecessor's messages come back too.
+* kombu's sweep of messages unacked past the visibility timeout asks the same (:func:`restore_swept`): a message
+  an instance holds that still beats stays its own (a long task is not delivered twice); one put back leaves every
+  held set and is fenced from each silent instance that held it.
 
 A fenced instance that was only paused (SIGSTOP, a long stall, a network cut) and comes back is harmless: its
 settling script finds the tags gone and leaves the unacked entries alone (a peer holds them now under the same
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Most seconds between two heartbeats (a fifth of XNAI_DEAD_AFTER when that is shorter, at least one).
 MAX_BEAT_S: Final = 5.0
+#: Most seconds the heartbeat waits for one Redis reply (a third of XNAI_DEAD_AFTER when that is shorter).
+MAX_REPLY_S: Final = 5.0
 #: A fence is kept this many times the maximum message age: no copy of a fenced task can run for longer.
 FENCE_AGES: Final = 2
 
@@ -112,6 +117,36 @@ for _, tag in ipairs(tags) do out[#out + 1] = tag end
 return out
 """
 
+#: KEYS: the alive set, unacked hash, unacked index, the queue list. ARGV: tag, the unacked entry as read, the item
+#: to push ('' : only forget the tag), its task id, dead after (s), fence ttl (s), held key prefix, fenced key prefix.
+#: kombu's visibility sweep's restore of one tag: -1 (untouched) when an instance that beat within ``dead after``
+#: holds it, 0 when its entry changed meanwhile; else 1: the message is back in front of the queue, the tag is in no
+#: held set any more and its task id in the fence of each (silent) instance that held it.
+SWEEP_SCRIPT: Final = """
+local t = redis.call('TIME')
+local now = t[1] + t[2] / 1000000
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local holders = {}
+for i = 1, #members, 2 do
+  if redis.call('SISMEMBER', ARGV[7] .. members[i], ARGV[1]) == 1 then
+    if now - tonumber(members[i + 1]) < tonumber(ARGV[5]) then return -1 end
+    holders[#holders + 1] = members[i]
+  end
+end
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[4], ARGV[3]) end
+for _, holder in ipairs(holders) do
+  redis.call('SREM', ARGV[7] .. holder, ARGV[1])
+  if ARGV[4] ~= '' then
+    redis.call('SADD', ARGV[8] .. holder, ARGV[4])
+    redis.call('EXPIRE', ARGV[8] .. holder, ARGV[6])
+  end
+end
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Instance:
@@ -161,19 +196,25 @@ def instance_node(name: str) -> str:
     return name.rsplit("#", 1)[0]
 
 
-def fence_of_running(task_id: str) -> str | None:
-    """The fence to check before storing a result of ``task_id``: this instance's, if it runs that task."""
-    from celery import current_task
+def own_fence() -> str | None:
+    """The fence checked before this worker stores any result (None outside a role worker).
 
+    It holds only ids of tasks taken from this instance, so it is checked whoever stores: the pool child that ran
+    the task, or the parent (a time limit hit, a lost pool process, a revoke that terminates).
+    """
     instance = _this.instance
-    if instance is None or getattr(getattr(current_task, "request", None), "id", None) != task_id:
-        return None
-    return instance.fenced_key
+    return None if instance is None else instance.fenced_key
 
 
 def beat_every_s(dead_after_s: float) -> float:
     """Seconds between two heartbeats: several beats fit in ``dead_after_s``."""
     return max(1.0, min(MAX_BEAT_S, dead_after_s / 5))
+
+
+def reply_timeout_s(dead_after_s: float) -> float:
+    """Seconds the heartbeat waits for one Redis reply: a slow reply (and its one retry) must not outlast
+    ``dead_after_s``, or a healthy worker is declared dead."""
+    return min(MAX_REPLY_S, dead_after_s / 3)
 
 
 def restored_item(role: str, raw: Any) -> tuple[str, str, str] | None:
@@ -247,6 +288,29 @@ def restore_dead(
         return None
     restored = tuple(tasks.get(_text(tag), "") for tag in reply[3:])
     return Restored(instance, int(reply[0]), int(reply[1]), float(_text(reply[2])), restored)
+
+
+def restore_swept(conn: redis.Redis, role: str, tag: str, *, dead_after_s: int, fence_ttl_s: int) -> int:
+    """kombu's visibility sweep restores ``tag`` (unacked past the visibility timeout) only if no live instance holds
+    it: :data:`SWEEP_SCRIPT`'s answer (1 restored, 0 changed meanwhile, -1 held by a live instance)."""
+    raw = conn.hget(c.unacked_key(role), tag)
+    if raw is None:
+        return 0
+    lists = c.queue_keys(c.queue_for(role))
+    queue_list, item, task_id = restored_item(role, raw) or (lists[0], "", "")
+    keys = [c.alive_key(role), c.unacked_key(role), c.unacked_index_key(role), queue_list]
+    args = [tag, raw, item, task_id, dead_after_s, fence_ttl_s, c.held_key(role, ""), c.fenced_key(role, "")]
+    return int(conn.register_script(SWEEP_SCRIPT)(keys=keys, args=args))
+
+
+def liveness() -> tuple[int, int]:
+    """(dead after, fence ttl) in seconds of this worker's heartbeat (from the settings before it starts)."""
+    if _this.heartbeat is not None:
+        return _this.heartbeat.dead_after_s, _this.heartbeat.fence_ttl_s
+    from xnai_tasks.settings import process_settings
+
+    settings = process_settings()
+    return settings.dead_after, FENCE_AGES * settings.max_message_age
 
 
 class Heartbeat:
@@ -383,7 +447,7 @@ def start_heartbeat(instance: Instance, redis_url: str, *, dead_after_s: int, ma
 
     heartbeat = Heartbeat(
         instance,
-        lambda: broker.connect(redis_url, timeout=5.0),
+        lambda: broker.connect(redis_url, timeout=reply_timeout_s(dead_after_s), retries=1),
         dead_after_s=dead_after_s,
         fence_ttl_s=FENCE_AGES * max_message_age_s,
         on_restored=count,

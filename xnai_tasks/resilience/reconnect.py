@@ -120,7 +120,7 @@ class KeepingQoS(kombu_redis.QoS):  # type: ignore[misc]
     gave the message back and took the tag out of its set, and may hold the message itself under the same tag.
     """
 
-    #: True while kombu's visibility sweep restores any worker's tags (whose owner is not known here).
+    #: True while kombu's visibility sweep restores any worker's tags (:meth:`restore_by_tag` asks who holds each).
     _sweeping = False
 
     def append(self, message: Any, delivery_tag: Any) -> None:
@@ -135,13 +135,16 @@ class KeepingQoS(kombu_redis.QoS):  # type: ignore[misc]
         if instance is None:
             super().append(message, delivery_tag)
             return
-        delivery = message.delivery_info
-        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        # the take script (resilience/taking.py) recorded it already, around the item as sent: kept as it is
+        recorded = self.channel.took(delivery_tag)
         verdict = gate.take(message)  # verified now: its nonce claim rides in this round trip
         with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, entry)
-            pipe.sadd(instance.held_key, delivery_tag)
+            if not recorded:  # kombu's BRPOP took it (a channel that consumes more than its role's queue)
+                delivery = message.delivery_info
+                entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                pipe.hset(self.unacked_key, delivery_tag, entry)
+                pipe.sadd(instance.held_key, delivery_tag)
             task_id = _task_id(message)
             if task_id is not None:  # delivered to this instance again after a peer restored it: its own again
                 pipe.srem(instance.fenced_key, task_id)
@@ -193,11 +196,24 @@ class KeepingQoS(kombu_redis.QoS):  # type: ignore[misc]
             self._sweeping = False
 
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> bool:
-        """kombu's restore of one tag, done only while the tag is this instance's own; whether it was."""
+        """kombu's restore of one tag, done only while the tag is this instance's own; whether it was.
+
+        In kombu's visibility sweep the tag may be any instance's: it is left alone while its holder beats (a long
+        task, not a lost one) and, restored, it leaves every held set (a later ack of its holder must not settle the
+        entry of whichever worker takes it next)."""
         instance = dead_workers.this_instance()
-        if instance is None or self._sweeping:
+        if instance is None:
             super().restore_by_tag(tag, client=client, leftmost=leftmost)
             return True
+        if self._sweeping:
+            dead_after_s, fence_ttl_s = dead_workers.liveness()
+            with self.channel.conn_or_acquire(client) as conn:
+                done = dead_workers.restore_swept(
+                    conn, instance.role, bytes_to_str(tag), dead_after_s=dead_after_s, fence_ttl_s=fence_ttl_s
+                )
+            if done < 0:
+                log.debug("delivery %s is past the visibility timeout but its worker is alive: left to it", tag)
+            return done > 0
         mine = False
 
         def restore_transaction(pipe: Any) -> None:

@@ -16,21 +16,29 @@ RIGHT``: it wakes when a message arrives and leaves the list as it was (it takes
 the tail); the next script takes the message. It waits on the queue's first list only (the one messages
 without a priority go to): a message sent with a priority is taken when the wait ends, within kombu's BRPOP
 timeout (1 s).
+
+Both commands write (BLMOVE is refused like any write), so a full Redis (``maxmemory`` reached, ``noeviction``)
+refuses them both, unlike kombu's BRPOP; the worker then logs one warning, pauses :data:`REFUSED_PAUSE_S` and
+tries again, and takes again once Redis accepts writes. A refused take leaves its message in the queue: the
+script records before it pops, and a refused write ends it before the pop.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from queue import Empty
 from typing import Any, Final
 
 from kombu.utils.encoding import bytes_to_str
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from xnai_tasks.core import constants as c
 from xnai_tasks.resilience import dead_workers
 from xnai_tasks.security.envelope import MAX_ENVELOPE_BYTES
+
+log = logging.getLogger(__name__)
 
 #: KEYS: the queue's lists in BRPOP's order, then the unacked hash, its index and the instance's held set.
 #: ARGV: the number of lists, the index score (now, as kombu's), the largest item decoded. Returns {list, item,
@@ -70,6 +78,13 @@ TAKE_SHA: Final = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()  # Redis names 
 TAKE: Final = "take"
 WAIT: Final = "wait"
 
+#: Seconds a worker pauses after Redis refused its take or wait (full, or its ACL changed): long enough not to
+#: spin (two refused round trips a second), short enough to take again within a moment of Redis accepting
+#: writes; the pause holds up the worker's event loop, whose other work (acks, pool results) waits that long.
+REFUSED_PAUSE_S: Final = 0.5
+#: Seconds between two warnings while Redis goes on refusing: one line for a refusal, not one per poll.
+REFUSED_WARN_EVERY_S: Final = 60.0
+
 
 class TakingChannel:
     """Mixin for a kombu Redis channel (before it in the bases) of a role worker: takes with
@@ -79,6 +94,14 @@ class TakingChannel:
     _sent: str | None = None
     #: The last take found the queue empty: the next command waits.
     _empty = False
+    #: When Redis last refused a take or wait with a warning logged (monotonic); None while it accepts them.
+    _refused_at: float | None = None
+    #: The tag the take script recorded, while its message is being delivered (:meth:`took`).
+    _took: str | None = None
+
+    def took(self, delivery_tag: Any) -> bool:
+        """Whether the take script already recorded this tag as unacked and held (the QoS need not again)."""
+        return self._took is not None and self._took == delivery_tag
 
     def _taking_keys(self) -> tuple[list[str], str] | None:
         """The queue's lists and this instance's held set, when this channel consumes its role's queue alone."""
@@ -122,9 +145,15 @@ class TakingChannel:
                 chan._in_poll = None
                 chan.client.script_load(TAKE_SCRIPT)
                 raise Empty() from None
+            except ResponseError as exc:  # refused (a full Redis, an ACL): nothing was taken, try again shortly
+                self._refused(sent, exc)
+                raise Empty() from None
             except chan.connection_errors:
                 chan.client.connection.disconnect()  # reconnect on the next poll, as kombu does
                 raise
+            if self._refused_at is not None:
+                self._refused_at = None
+                log.info("Redis accepts this worker's takes again", extra={"event": "take_accepted"})
             if sent == WAIT:  # a message arrived (left in place) or the wait timed out: take next
                 self._empty = False
                 raise Empty()
@@ -139,8 +168,26 @@ class TakingChannel:
                 if recorded:
                     chan.qos.settle(bytes_to_str(recorded[0]))
                 return True
-            chan.connection._deliver(payload, queue)
+            self._took = bytes_to_str(recorded[0]) if recorded else None
+            try:
+                chan.connection._deliver(payload, queue)
+            finally:
+                self._took = None
             return True
         finally:
             chan._in_poll = None
             chan._flush_brpop_reauth()
+
+    def _refused(self, sent: str, exc: ResponseError) -> None:
+        """Warn (once a while) that Redis refused a take or wait, and pause before the next."""
+        now = time.monotonic()
+        if self._refused_at is None or now - self._refused_at >= REFUSED_WARN_EVERY_S:
+            self._refused_at = now
+            log.warning(
+                "Redis refused this worker's %s (%s): nothing taken, trying again every %.1f s",
+                sent,
+                exc,
+                REFUSED_PAUSE_S,
+                extra={"event": "take_refused", "command": sent, "error": str(exc)},
+            )
+        time.sleep(REFUSED_PAUSE_S)

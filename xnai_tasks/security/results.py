@@ -25,7 +25,7 @@ from kombu.utils.encoding import bytes_to_str
 from xnai_tasks.admission.throughput import BUCKET_TTL_S, recorder
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError
-from xnai_tasks.resilience.dead_workers import fence_of_running, instance_node, this_instance
+from xnai_tasks.resilience.dead_workers import instance_node, own_fence, this_instance
 from xnai_tasks.security.keyring import shared_keyring
 from xnai_tasks.security.ledger import finisher, running_nonce_key
 from xnai_tasks.security.publish import process_source
@@ -385,9 +385,9 @@ def _text(value: Any) -> str:
 
 
 def _riders(task_id: str, state: str) -> Riders:
-    """With the final result of the task this process runs: its nonce marked done, its end counted; with any
-    state of it, the fence of this worker instance checked first (a peer declared it dead and took the task)."""
-    fence = fence_of_running(task_id)
+    """With a final result: the task's nonce marked done, its end counted; with any state, whoever in this worker
+    stores it (pool child or parent), this instance's fence checked first (a peer declared it dead, took the task)."""
+    fence = own_fence()
     if state not in states.READY_STATES:
         return Riders(fence_key=fence, task_id=task_id)
     return Riders(
