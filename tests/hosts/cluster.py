@@ -41,6 +41,7 @@ from hosts.netns import (
     sweep_stale,
     unavailable_reason,
 )
+from xnai_tasks.ops.proc import pid_alive
 
 #: The test network: a private range nothing on this machine routes (checked by the tests against ``ip addr``).
 SUBNET: Final = "10.231.0"
@@ -626,20 +627,10 @@ def _sweep_stale_bases() -> list[str]:
     swept = []
     for folder in Path(BASE_DIR).glob("xnai-h*-*"):
         pid = folder.name[len("xnai-h") :].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
             swept.append(str(folder))
     return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:

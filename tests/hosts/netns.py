@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from xnai_tasks.ops.proc import pid_alive
+
 PREFIX: Final = "xnai-"
 _OURS: Final = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 #: A process killed by SIGKILL is gone at once; its namespace empties as soon as every process in it is reaped.
@@ -111,18 +113,8 @@ def sweep_stale() -> list[str]:
     swept = []
     for namespace in list_namespaces():
         pid = owner_pid(namespace)
-        if pid is None or _alive(pid):
+        if pid is None or pid_alive(pid):
             continue
         delete_namespace(namespace)
         swept.append(namespace)
     return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
