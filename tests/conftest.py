@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -16,7 +17,7 @@ from xnai_tasks.ops.redis_server import EmbeddedRedis
 from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.settings import Settings
 
-from support import free_port, short_home
+from support import admin_connection, free_port, short_home
 
 
 @pytest.fixture
@@ -89,6 +90,13 @@ def private_client(private_stack: Stack, private_settings: Settings) -> Iterator
     made = Client(private_settings)
     yield made
     made.close()
+
+
+@pytest.fixture(scope="module")
+def admin(private_stack: Stack, private_settings: Settings) -> Iterator[Any]:
+    """The module's private Redis as its admin user (a module on another stack defines its own ``admin``)."""
+    with admin_connection(private_settings) as conn:
+        yield conn
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from xnai_tasks.errors import SettingsError
 from xnai_tasks.ops.supervisor import Stack
 from xnai_tasks.resilience import dead_workers
 from xnai_tasks.resilience.reconnect import KeepingChannel, give_back
-from xnai_tasks.security import acl, redis_urls
+from xnai_tasks.security import redis_urls
 from xnai_tasks.security.keyring import load_signer
 from xnai_tasks.security.result_store import Outcome, ResultStore, Riders
 from xnai_tasks.settings import Settings
@@ -67,13 +67,6 @@ def private_settings() -> Settings:
         task_modules=("xnai_test_tasks",),
         dead_after=DEAD_AFTER_S,
     )
-
-
-@pytest.fixture(scope="module")
-def admin(private_stack: Stack, private_settings: Settings) -> Iterator[redis.Redis]:
-    conn = broker.connect(redis_urls.connection_url(private_settings, acl.ADMIN))
-    yield conn
-    conn.close()
 
 
 @pytest.fixture(scope="module")

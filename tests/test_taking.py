@@ -22,10 +22,8 @@ from celery import Celery
 
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
-from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.ops.supervisor import Stack
-from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.settings import Settings
 
 from support import short_home
@@ -46,13 +44,6 @@ def private_settings() -> Settings:
     return Settings(
         home=short_home(), model_mode="lazy", llm_safe="off", cache=False, task_modules=("xnai_test_tasks",)
     )
-
-
-@pytest.fixture(scope="module")
-def admin(private_stack: Stack, private_settings: Settings) -> Iterator[redis.Redis]:
-    conn = broker.connect(redis_urls.connection_url(private_settings, acl.ADMIN))
-    yield conn
-    conn.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,10 @@ from celery import Celery
 
 from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
-from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import TaskFailedError
 from xnai_tasks.observability.status import collect_status, format_status
 from xnai_tasks.ops.supervisor import Stack
-from xnai_tasks.security import acl, redis_urls
 from xnai_tasks.security.keyring import load_signer
 from xnai_tasks.settings import Settings
 
@@ -48,13 +46,6 @@ def private_settings() -> Settings:
         task_time_limit=10,
         max_message_age=120,
     )
-
-
-@pytest.fixture(scope="module")
-def admin(private_stack: Stack, private_settings: Settings) -> Iterator[redis.Redis]:
-    conn = broker.connect(redis_urls.connection_url(private_settings, acl.ADMIN))
-    yield conn
-    conn.close()
 
 
 @pytest.fixture(scope="module")
