@@ -280,6 +280,30 @@ async def test_a_run_cancelled_by_a_failing_sibling_kills_its_running_steps_and_
     assert queued(stack_settings, "curation", "grok") == {"curation": 0, "grok": 0}
 
 
+async def side_by_side(run: Steps) -> dict[str, Any]:
+    """Two steps awaited at once by the driver's own task group: a quick one and a slower one."""
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(run.step, "slow", "curation", "echo", value="slow", delay_s=2.0))
+        group.start_soon(partial(run.step, "quick", "grok", "echo", value="quick"))
+    return {}
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param("asyncio", id="asyncio")])
+async def test_steps_awaited_at_once_by_the_driver_each_end_on_their_own(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch, stack_settings: Settings, client: Client
+) -> None:
+    # Given a workflow whose driver awaits two steps at once
+    monkeypatch.setitem(catalogue.WORKFLOWS, "side-by-side", Workflow("side-by-side", side_by_side))
+    # When it runs (the quick step ends while the slow one is still out)
+    async with AsyncClient(stack_settings) as aclient:
+        with anyio.fail_after(120):
+            record = await aclient.run("side-by-side")
+    # Then both steps ended ok: the quick step's end cancelled nothing of the other's
+    assert record["state"] == "succeeded", record
+    assert sorted((s["name"], s["outcome"]) for s in record["steps"]) == [("quick", "ok"), ("slow", "ok")]
+    assert store_of(client).load(record["run_id"])["state"] == "succeeded"
+
+
 @pytest.mark.parametrize("anyio_backend", BACKENDS)
 async def test_a_failing_step_names_itself_and_the_steps_still_out_never_run(
     anyio_backend: str, stack_settings: Settings, client: Client, control_app: Celery

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,16 @@ if TYPE_CHECKING:
 Sent = tuple[Step, "AsyncTaskHandle"]
 
 
+@dataclass
+class _Gathering:
+    """The steps one wait gathers: when they were sent, those still out, their results and failures."""
+
+    started: float
+    out: dict[str, Sent]
+    results: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    failures: list[tuple[Step, str, XnaiError]] = field(default_factory=list)
+
+
 class AsyncRun(Ledger):
     """A run whose steps are awaited in the event loop; it is what the driver is given."""
 
@@ -47,7 +58,6 @@ class AsyncRun(Ledger):
         self.client = client
         self._save = save
         self._handles: dict[str, AsyncTaskHandle] = {}
-        self._out: dict[str, tuple[Step, AsyncTaskHandle, float]] = {}  # sent, not ended: step name -> ...
 
     async def step(
         self,
@@ -109,43 +119,37 @@ class AsyncRun(Ledger):
         return [(m.step, handle) for m, handle in zip(members, handles, strict=True)]
 
     async def _collect(self, sent: list[Sent]) -> dict[str, dict[str, Any] | None]:
-        """Await the steps sent together; the first required one failing cancels the others (revoked, killed)."""
-        started = time.monotonic()
-        self._out.update((step.name, (step, handle, started)) for step, handle in sent)
-        results: dict[str, dict[str, Any] | None] = {}
-        failures: list[tuple[Step, str, XnaiError]] = []
+        """Await the steps sent together; the first required one failing cancels the others (revoked, killed).
+
+        Each call keeps its own steps: a driver awaiting two steps at once (a task group of its own) has each
+        cancel only what it sent."""
+        gathering = _Gathering(time.monotonic(), {step.name: (step, handle) for step, handle in sent})
         try:
             async with anyio.create_task_group() as group:
                 for step, handle in sent:
-                    group.start_soon(self._await, step, handle, started, results, failures, group.cancel_scope)
+                    group.start_soon(self._await, step, handle, gathering, group.cancel_scope)
         finally:
             with anyio.CancelScope(shield=True):
-                self._cancel_out()  # the others of a failed group, or all still out when the caller cancels
+                self._cancel_out(gathering)  # the others of a failed group, or all still out when cancelled
                 await self._saved()
-        if failures:
-            step, task_id, error = failures[0]
-            self.failed(step, task_id, started, error)
-        return results
+        if gathering.failures:
+            step, task_id, error = gathering.failures[0]
+            self.failed(step, task_id, gathering.started, error)
+        return gathering.results
 
     async def _await(
-        self,
-        step: Step,
-        handle: AsyncTaskHandle,
-        started: float,
-        results: dict[str, dict[str, Any] | None],
-        failures: list[tuple[Step, str, XnaiError]],
-        scope: anyio.CancelScope,
+        self, step: Step, handle: AsyncTaskHandle, gathering: _Gathering, scope: anyio.CancelScope
     ) -> None:
         """Await one step: its result, or skip it (optional), or fail the group (required)."""
-        error = await self._result_of(step, handle, started, results)
-        self._out.pop(step.name, None)
+        error = await self._result_of(step, handle, gathering.started, gathering.results)
+        gathering.out.pop(step.name, None)
         if error is None:
             return
         if step.optional:
-            self.skipped(step, handle.id, started, error)
-            results[step.name] = None
+            self.skipped(step, handle.id, gathering.started, error)
+            gathering.results[step.name] = None
             return
-        failures.append((step, handle.id, error))
+        gathering.failures.append((step, handle.id, error))
         scope.cancel()
 
     async def _result_of(
@@ -163,11 +167,11 @@ class AsyncRun(Ledger):
         self.done(step, handle.id, started, result)
         return None
 
-    def _cancel_out(self) -> None:
-        """Record the steps still out as cancelled (their waits, cancelled, revoked them)."""
-        for step, handle, started in self._out.values():
-            self.cancelled(step, handle.id, started)
-        self._out.clear()
+    def _cancel_out(self, gathering: _Gathering) -> None:
+        """Record the steps of ``gathering`` still out as cancelled (their waits, cancelled, revoked them)."""
+        for step, handle in gathering.out.values():
+            self.cancelled(step, handle.id, gathering.started)
+        gathering.out.clear()
 
     async def _saved(self) -> None:
         if self._save is not None:
