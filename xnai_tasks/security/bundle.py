@@ -3,7 +3,7 @@
 ``xnai host bundle ROLE... --url URL`` on the hub writes, for each role named, its Redis URL carrying its own
 password (pointing at ``URL``) and its active private key; the public keyring; and, when the hub has a TLS CA, the
 CA and a client certificate and key made for that host. Nothing else: no other role's password or private key, not
-the admin password. The file is mode 0600, JSON (no pickle), and ends with the SHA-256 of the rest (``digest``),
+the admin password. The file is mode 0600, plain JSON, and ends with the SHA-256 of the rest (``digest``),
 which ``xnai host join`` checks and prints: it catches a damaged or edited file; against someone who could also
 rewrite the digest, carry the bundle over a channel you trust (it holds secrets anyway) and compare the two digests.
 
