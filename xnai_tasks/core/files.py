@@ -1,4 +1,5 @@
-"""Files under XNAI_HOME replaced atomically (a temporary file beside them, then a rename), and JSON state files."""
+"""Files under XNAI_HOME replaced atomically (a temporary file beside them, then a rename), JSON state files, and
+private files read with their mode."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,14 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_private(path: Path, limit: int) -> tuple[bytes, int]:
+    """Up to ``limit + 1`` bytes of ``path`` and its permission bits, through one descriptor (so the mode checked is
+    that of the file read; a symlink is refused). Raises OSError (FileNotFoundError) as ``os.open`` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(limit + 1), stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int, durable: bool = False) -> None:

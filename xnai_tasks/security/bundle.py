@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +29,7 @@ from urllib.parse import urlsplit
 from nacl.signing import SigningKey
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.core.files import write_atomic
+from xnai_tasks.core.files import read_private, write_atomic
 from xnai_tasks.errors import KeyringError, UsageError, XnaiError
 from xnai_tasks.security.joined_host import (
     JoinedHost,
@@ -197,12 +195,9 @@ def read_bundle(path: Path) -> Bundle:
 
 def _read_private(path: Path) -> Any:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        raw, mode = read_private(path, _MAX_FILE)
     except OSError as exc:
         raise UsageError(f"cannot be opened: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
-        raw = fh.read(_MAX_FILE + 1)
     if mode & 0o077:
         raise UsageError(f"mode {mode:04o} lets others read its secrets; run chmod 600 {path} if it is yours")
     if len(raw) > _MAX_FILE:

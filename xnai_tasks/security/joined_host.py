@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from xnai_tasks.core import constants as c
-from xnai_tasks.core.files import write_atomic
+from xnai_tasks.core.files import read_private, write_atomic
 from xnai_tasks.errors import SettingsError, UsageError
 
 JOINED_VERSION: Final = 1
@@ -110,14 +108,11 @@ def read_joined(home: Path) -> JoinedHost | None:
     file is readable by others, malformed, or names a URL that is not the hub's."""
     path = joined_host_path(home)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        raw, mode = read_private(path, _MAX_FILE)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise SettingsError(f"{path} cannot be read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
-        raw = fh.read(_MAX_FILE + 1)
     if mode & 0o077:
         raise SettingsError(f"{path} has mode {mode:04o}, readable by others: run chmod 600 {path}")
     try:
