@@ -45,7 +45,7 @@ from xnai_tasks.security.keyring import load_signer
 from xnai_tasks.security.result_store import Outcome, ResultStore, Riders
 from xnai_tasks.settings import Settings
 
-from support import publish_raw, short_home
+from support import publish_raw, run_xnai, short_home
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 WORKER_ENV = {"PYTHONPATH": TESTS_DIR}
@@ -78,14 +78,15 @@ def client(private_client: Client) -> Client:
 
 @pytest.fixture
 def clean(admin: redis.Redis) -> Iterator[None]:
-    """Each test starts and ends with no queued, unacked or held message of the role, and no instance registered."""
+    """Each test starts and ends with no queued, unacked or held message of the role, no instance registered and no
+    death recorded."""
     _clear(admin)
     yield
     _clear(admin)
 
 
 def _clear(admin: redis.Redis) -> None:
-    keys = [*c.queue_keys(ROLE), c.unacked_key(ROLE), c.unacked_index_key(ROLE), c.alive_key(ROLE)]
+    keys = [*c.queue_keys(ROLE), c.unacked_key(ROLE), c.unacked_index_key(ROLE), c.alive_key(ROLE), c.deaths_key(ROLE)]
     keys += [k for pattern in (c.held_pattern(ROLE), c.fenced_pattern(ROLE)) for k in admin.keys(pattern)]
     admin.delete(*keys)
 
@@ -229,6 +230,10 @@ def test_a_killed_workers_tasks_come_back_within_dead_after_and_run_once_on_the_
         wait_until(lambda: not admin.hlen(c.unacked_key(ROLE)), "no unacked message")
         assert not admin.keys(c.held_pattern(ROLE))
         assert [dead_workers.instance_node(m.decode()) for m in admin.zrange(c.alive_key(ROLE), 0, -1)] == [f"{ROLE}@b"]
+        # and `xnai status` shows it: two messages taken back from a silent curation worker in the last 10 minutes
+        shown = run_xnai(["status"], private_settings)
+        assert shown.returncode == 0, shown.stderr
+        assert f"worker deaths of {ROLE} in the last 10 min: 2 ({dead_workers.SILENT_CAUSE} 2)" in shown.stdout
         restored_s = datetime.fromisoformat(restores[0]["ts"]).timestamp() - killed_wall
         print(f"\nkill -> restored: {restored_s:.1f} s, last result: {last_s:.1f} s (dead after {DEAD_AFTER_S} s)")
 

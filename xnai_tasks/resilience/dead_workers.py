@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -241,6 +242,10 @@ def restored_item(role: str, raw: Any) -> tuple[str, str, str] | None:
     return lists[c.KOMBU_PRIORITY_STEPS.index(step)], dumps(payload), task_id
 
 
+#: The cause ``xnai status`` gives a message taken back from a silent worker (``worker deaths of ROLE ...``).
+SILENT_CAUSE: Final = "worker silent, its messages given back"
+
+
 @dataclass(frozen=True)
 class Restored:
     """What one restore of a dead instance did: messages put back, tags only forgotten, seconds it was silent."""
@@ -423,10 +428,21 @@ class Heartbeat:
                     "skipped": done.skipped,
                 },
             )
+            self._record_deaths(done)
         else:
             log.info("dead worker %s held nothing to restore", done.instance)
         if self._on_restored is not None:
             self._on_restored(done)
+
+    def _record_deaths(self, done: Restored) -> None:
+        """One event per message given back, in the role's list of worker deaths that ``xnai status`` shows."""
+        deaths = c.deaths_key(self.instance.role)
+        now = time.time()
+        pipe = self._redis().pipeline(transaction=False)
+        for task in done.tasks:
+            pipe.lpush(deaths, dumps({"ts": now, "task": task, "id": done.instance, "cause": SILENT_CAUSE}))
+        pipe.ltrim(deaths, 0, c.DEATHS_MAX - 1)
+        pipe.execute()
 
     def _redis(self) -> redis.Redis:
         if self._conn is None:
