@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +19,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from xnai_tasks.core.constants import LOG_FILE
 from xnai_tasks.settings import Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -209,3 +212,16 @@ def wait_flower_success(settings: Settings, task_id: str, within_s: float = 30.0
         time.sleep(0.5)
         info = flower_task_info(settings, task_id)
     return info
+
+
+def log_events(settings: Settings, event: str) -> list[dict[str, Any]]:
+    """Every JSON log line of every process with this ``event``."""
+    path = settings.log_dir / LOG_FILE
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    found = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") == event:
+                found.append(entry)
+    return found

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from celery import states
@@ -30,7 +31,7 @@ from xnai_tasks.security.envelope import MAX_ENVELOPE_BYTES
 from xnai_tasks.settings import Settings
 from xnai_tasks.worker.argv import worker_argv
 
-from support import admin_connection, publish_raw, running_stack, short_home
+from support import admin_connection, log_events, publish_raw, running_stack, short_home
 
 TEXTS = [f"Note {i}: the {word} service restarted after a memory alert." for i, word in enumerate("abcdefghijklmnop")]
 #: A lone surrogate: valid JSON and a non-empty string, but the tokenizer cannot read it.
@@ -323,3 +324,33 @@ def test_a_killed_batching_worker_loses_no_task(stack: Stack, client: Client, se
     reference = client.submit("curation", "embed", texts=texts).get(timeout=120)["vectors"]
     for handle, expected in zip(handles, reference, strict=True):
         assert _cosine(handle.get(timeout=120)["vectors"][0], expected) > 0.999
+
+
+def _encoder_processes(worker_pid: int) -> list[psutil.Process]:
+    return [
+        proc
+        for proc in psutil.Process(worker_pid).children(recursive=True)
+        if "xnai_tasks.batching.encoder_process" in " ".join(proc.cmdline())
+    ]
+
+
+def test_a_killed_encoder_process_is_said_and_replaced_and_the_worker_goes_on(
+    stack: Stack, client: Client, settings: Settings
+) -> None:
+    # Given the batching worker's encoder process, answering
+    assert client.submit("curation", "embed", texts=["before the kill"]).get(timeout=120)["count"] == 1
+    worker = stack.children[WORKER].pid
+    [encoder] = _encoder_processes(worker)
+    # When it is killed outright
+    encoder.kill()  # a zombie until the worker notices (on its next call) and reaps it
+    # Then the worker answers the next tasks (a new encoder process), each with its own vector
+    texts = [f"After the encoder died, note {i}." for i in range(6)]
+    handles = [client.submit("curation", "embed", texts=[text]) for text in texts]
+    vectors = [handle.get(timeout=120)["vectors"][0] for handle in handles]
+    reference = client.submit("curation", "embed", texts=texts).get(timeout=120)["vectors"]
+    assert all(_cosine(a, b) > 0.999 for a, b in zip(vectors, reference, strict=True))
+    assert stack.children[WORKER].pid == worker and stack.children[WORKER].poll() is None
+    assert [p.pid for p in _encoder_processes(worker)] not in ([], [encoder.pid])
+    # And the death was logged in one line naming the signal
+    died = log_events(settings, "encoder_process_died")
+    assert any(e["exit"] == "signal SIGKILL" and "curation encoder process ended" in e["msg"] for e in died)

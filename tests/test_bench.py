@@ -19,9 +19,14 @@ def test_roundtrip_bench_reports_both_apps_and_ratios(home: Path) -> None:
     assert set(report["apps"]) == {"signed", "plain", "auth"}
     for app in report["apps"].values():
         assert app["enqueue_per_s"] > 0 and app["roundtrip_per_s"] > 0
+        # each task cost the client, its worker and the embedded Redis some CPU, measured (not estimated)
+        cpu = app["cpu_us_per_task"]
+        assert cpu["client"] > 0 and cpu["worker"] > 0 and cpu["redis"] > 0
+        assert abs(cpu["total"] - (cpu["client"] + cpu["worker"] + cpu["redis"])) <= 3  # one round: its sum, rounded
     assert set(report["ratios"]) >= {
         "signed_vs_plain_roundtrip",
         "signed_vs_plain_enqueue",
         "signed_vs_auth_roundtrip",
         "signed_vs_auth_enqueue",
+        "plain_vs_signed_cpu_per_task",
     }

@@ -45,7 +45,7 @@ from xnai_tasks.security.keyring import load_signer
 from xnai_tasks.security.result_store import Outcome, ResultStore, Riders
 from xnai_tasks.settings import Settings
 
-from support import publish_raw, run_xnai, short_home
+from support import log_events, publish_raw, run_xnai, short_home
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 WORKER_ENV = {"PYTHONPATH": TESTS_DIR}
@@ -132,19 +132,6 @@ def wait_until(check: Callable[[], bool], what: str, within_s: float = WAIT_S) -
     while not check():
         assert time.monotonic() < deadline, f"not seen within {within_s} s: {what}"
         time.sleep(0.2)
-
-
-def log_events(settings: Settings, event: str) -> list[dict[str, Any]]:
-    """Every JSON log line of every process with this ``event``."""
-    path = settings.log_dir / c.LOG_FILE
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    found = []
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("event") == event:
-                found.append(entry)
-    return found
 
 
 def stored_result(admin: redis.Redis, task_id: str) -> dict[str, Any]:

@@ -66,3 +66,22 @@ def test_bench_threads(home: Path) -> None:
 def test_bench_coldstart(home: Path) -> None:
     report = bench(home, "coldstart", "--rounds", "1")
     assert set(report["modes"]) == {"preload", "lazy"} and set(report["ratios"]) == {"lazy_vs_preload_first_token"}
+
+
+@pytest.mark.slow
+def test_bench_batching_reports_both_sides_and_the_encoder_alone(home: Path) -> None:
+    # Given a private stack, When the batching bench runs with 64 one-text tasks per side
+    report = bench(home, "batching", "--texts", "64")
+    # Then both sides answered every task, the batched one from fewer encoder calls than tasks
+    sides = report["sides"]
+    assert set(sides) == {"unbatched", "batched"}
+    assert sides["unbatched"]["encoder_calls"] == 64 and sides["batched"]["encoder_calls"] < 64
+    # And the ceiling was measured in the same run: the same encoder alone, one text per call vs batches
+    alone = report["encoder_alone"]
+    assert alone["texts"] == 64 and alone["threads"] >= 1
+    assert alone["single_texts_per_s"] > 0 and alone["batched_texts_per_s"] > 0
+    assert set(report["ratios"]) == {
+        "batched_vs_unbatched_texts_per_s",
+        "batched_vs_unbatched_p50_one_submitter",
+        "encoder_alone_batched_vs_single",
+    }

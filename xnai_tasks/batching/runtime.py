@@ -4,12 +4,13 @@ Why threads: a prefork child runs one task at a time, so nothing could gather in
 the curation worker runs one process with Celery's ``threads`` pool (``2 x XNAI_BATCH_MAX_SIZE`` task
 threads, :func:`task_threads`); each one-text ``embed``, ``search`` or ``classify`` task runs in its own
 thread, as a normal Celery task, and hands only its texts to this process's :class:`EncoderBatcher`, whose
-one thread runs the encoder on the gathered batch. Everything around the encoder call stays per task:
+one thread sends the gathered batch to the encoder. Everything around the encoder call stays per task:
 the consumer's gate verifies every message before it reaches the pool, the task's own thread returns its
 own result, which the backend signs with the role's key, ``task_postrun`` finishes its own nonce, and its
 message is acknowledged only after its own result is stored (``acks_late``): a killed worker leaves every
 message it held unacked, and they are delivered again. The role's threads (the plan's CPU set) go to torch
-in this one process. The cost: Celery's thread pool enforces no time limit on a task.
+in the encoder's own process (:mod:`.encoder_process`: away from this process's GIL). The cost: Celery's thread
+pool enforces no time limit on a task.
 
 Not chosen: celery-batches' way (the task's strategy buffers requests in the consumer and flushes them to the
 pool as one job of many requests, acknowledged together when it returns, each result stored by the task with
@@ -21,13 +22,16 @@ the batch size. Here every request stays a task of its own and only the encoder 
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from xnai_tasks.batching.batcher import Batched, EncoderBatcher, Vector
+from xnai_tasks.batching.encoder_process import EncoderProcess
 from xnai_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from xnai_tasks.models.loading import Encoder
 
 #: The role whose encoder tasks are batched.
 BATCHED_ROLE = "curation"
@@ -38,10 +42,8 @@ SUB_BATCH = 16
 class _State:
     def __init__(self) -> None:
         self.batcher: EncoderBatcher | None = None
-        #: The role's encoder for the duration of a block (the worker's model holder, loaded if lazy).
-        self.use_encoder: Callable[[], AbstractContextManager[Any]] | None = None
-        #: One torch call at a time in this process: the batcher's, or a large request's of its own.
-        self.encoder_lock = threading.Lock()
+        #: The process running the role's encoder for this worker.
+        self.encoder: EncoderProcess | None = None
 
 
 _state = _State()
@@ -65,15 +67,11 @@ def is_thread_pool(worker: Any) -> bool:
     return getattr(pool, "__module__", "") == "celery.concurrency.thread"
 
 
-def start(settings: Settings, threads: int, use_encoder: Callable[[], AbstractContextManager[Any]]) -> EncoderBatcher:
-    """Make this process's batcher (the worker parent, which is the process running the tasks).
-
-    ``use_encoder()`` holds the role's encoder for a block (the worker's model holder; loaded if lazy).
-    """
-    from xnai_tasks.models.loading import set_encoder_threads
-
-    set_encoder_threads(threads)
-    _state.use_encoder = use_encoder
+def start(settings: Settings, encoder: EncoderProcess) -> EncoderBatcher:
+    """Make this process's batcher (the worker parent, which is the process running the tasks); its encoder
+    calls go to ``encoder``, started here (it loads while the worker comes up)."""
+    encoder.start()
+    _state.encoder = encoder
     _state.batcher = EncoderBatcher(
         encode_now, max_size=settings.batch_max_size, max_wait_s=settings.batch_max_wait_ms / 1000.0
     )
@@ -105,15 +103,19 @@ def encode(texts: list[str]) -> Batched:
 
 
 def encode_now(texts: list[str]) -> list[Vector]:
-    """One encoder call with the role's encoder (loaded here if it is lazy)."""
+    """One call of the encoder process (one at a time: the batcher's, or a large request's of its own)."""
+    if _state.encoder is None:
+        raise RuntimeError("the batcher was not started")  # a programming error: start() runs at worker_init
+    return _state.encoder.encode(texts)
+
+
+def embed_batch(encoder: Encoder, texts: list[str]) -> list[Vector]:
+    """A batch's vectors, in order, the way the batcher computes them: shortest first, in sub-batches of
+    :data:`SUB_BATCH` (a sub-batch pads its texts to its longest, not to the whole batch's)."""
     from xnai_tasks.models import inference as m
 
-    if _state.use_encoder is None:
-        raise RuntimeError("the batcher was not started")  # a programming error: start() runs at worker_init
-    # shortest first, in sub-batches: a sub-batch pads its texts to its longest, not to the whole batch's
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    with _state.use_encoder() as encoder, _state.encoder_lock:
-        vectors = m.embed(encoder, [texts[i] for i in order], batch_size=SUB_BATCH)
+    vectors = m.embed(encoder, [texts[i] for i in order], batch_size=SUB_BATCH)
     found: list[Vector] = [[] for _ in texts]
     for position, index in enumerate(order):
         found[index] = vectors[position]

@@ -4,6 +4,11 @@ Each side is a fresh ``xnai worker curation`` on one private stack (``XNAI_BATCH
 processes; ``on``: one process, task threads and the encoder batcher). :data:`SUBMITTERS` closed-loop
 submitters (submit, wait for the verified result, again) share the texts; then one submitter alone, for
 the latency a lone caller sees. Reported: texts/s, latency percentiles and, batched, the tasks per encoder call.
+
+Beside them, the ceiling on this machine: the same encoder in this process with nothing else running, one text
+per call vs the batcher's calls (:data:`MAX_SIZE` texts, as it splits and orders them), with the threads the
+worker's plan gives it. Batching saves what a call costs beyond its texts' compute; where the encoder's compute
+per text dominates (a small CPU), no queueing design gets more than that ratio out of it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from typing import Any
 
 from xnai_tasks.bench.harness import host_facts, model_stack_home, role_worker
@@ -25,6 +31,8 @@ from xnai_tasks.settings import Settings
 SUBMITTERS = 64
 #: Tasks of the one-submitter latency measurement.
 ALONE_TASKS = 100
+#: Texts the encoder-alone ceiling encodes each way.
+CEILING_TEXTS = 320
 #: The batcher's settings on the batched side.
 MAX_SIZE = 32
 MAX_WAIT_MS = 10
@@ -52,12 +60,14 @@ def run_batching(settings: Settings, args: BenchOptions) -> dict[str, Any]:
                     sides[side] = _measure(clients, texts)
         finally:
             control.close()
+        ceiling = encoder_alone(bench, texts[:CEILING_TEXTS])
     return {
         "benchmark": "batching",
         "submitters": SUBMITTERS,
         "texts": total,
         "batcher": {"max_size": MAX_SIZE, "max_wait_ms": MAX_WAIT_MS},
         "sides": sides,
+        "encoder_alone": ceiling,
         "ratios": {
             "batched_vs_unbatched_texts_per_s": round(
                 sides["batched"]["texts_per_s"] / sides["unbatched"]["texts_per_s"], 3
@@ -65,8 +75,39 @@ def run_batching(settings: Settings, args: BenchOptions) -> dict[str, Any]:
             "batched_vs_unbatched_p50_one_submitter": round(
                 sides["batched"]["one_submitter_p50_ms"] / sides["unbatched"]["one_submitter_p50_ms"], 3
             ),
+            "encoder_alone_batched_vs_single": round(ceiling["batched_texts_per_s"] / ceiling["single_texts_per_s"], 3),
         },
         "host": host_facts(),
+    }
+
+
+def encoder_alone(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """Texts/s of the curation encoder in this process: one text per call, then the batcher's calls."""
+    from xnai_tasks.batching.runtime import BATCHED_ROLE, embed_batch
+    from xnai_tasks.models import inference
+    from xnai_tasks.models.loading import set_encoder_threads
+    from xnai_tasks.models.registry import ModelRegistry
+    from xnai_tasks.plan.host import plan_for
+    from xnai_tasks.plan.planner import for_concurrency
+
+    plan = for_concurrency(plan_for(settings).roles[BATCHED_ROLE], 1, settings.threads)
+    holder = ModelRegistry.for_role(BATCHED_ROLE, settings, replace(plan, model_mode="lazy")).encoder
+    set_encoder_threads(plan.threads_per_process)
+    with holder.use() as encoder:
+        embed_batch(encoder, texts[:MAX_SIZE])  # warm-up
+        started = time.perf_counter()
+        for text in texts:
+            inference.embed(encoder, [text])
+        single_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for at in range(0, len(texts), MAX_SIZE):
+            embed_batch(encoder, texts[at : at + MAX_SIZE])
+        batched_s = time.perf_counter() - started
+    return {
+        "threads": plan.threads_per_process,
+        "texts": len(texts),
+        "single_texts_per_s": round(len(texts) / single_s, 1),
+        "batched_texts_per_s": round(len(texts) / batched_s, 1),
     }
 
 

@@ -53,12 +53,12 @@ def child_env(settings: Settings) -> dict[str, str]:
 @contextmanager
 def worker_process(
     argv: Sequence[str], settings: Settings, app: Celery, node_prefix: str, extra_env: dict[str, str] | None = None
-) -> Iterator[None]:
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``python ARGV`` as a worker until the block ends, once a node named ``node_prefix@...`` answers."""
     proc = start_worker(settings, node_prefix, env=extra_env, argv=[sys.executable, *argv])
     try:
         wait_online(proc, app, node_prefix, timeout=120)
-        yield
+        yield proc
     finally:
         stop_worker(proc)
 

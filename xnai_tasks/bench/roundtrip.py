@@ -3,7 +3,9 @@
 Three apps, three workers running at the same time on the same Redis with the same settings (prefork,
 same concurrency, acks late, prefetch 1): ours (Ed25519-signed messages and results, the message gate),
 plain Celery with JSON, and Celery's ``auth`` serializer (RSA-2048). Rounds alternate between the apps;
-the median of each is reported.
+the median of each is reported, with the CPU each task cost the client (this process), the app's worker
+(parent and pool) and the embedded Redis: where the client, the workers and Redis share the same cores, the
+round-trip ratio follows the ratio of those totals.
 """
 
 from __future__ import annotations
@@ -12,18 +14,31 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery.result import AsyncResult
 
+from xnai_tasks.bench.cpu_meter import CpuMeter
 from xnai_tasks.bench.harness import host_facts, median, private_stack_home, worker_process
 from xnai_tasks.bench.options import BenchOptions
+from xnai_tasks.ops.redis_server import embedded_pid
 from xnai_tasks.settings import MAX_QUEUE_LIMIT, Settings
 
 Submit = Callable[[int], AsyncResult]
 RESULT_TIMEOUT_S = 300.0
 WARMUP_TASKS = 50
+#: The process groups whose CPU each round measures.
+CPU_GROUPS = ("client", "worker", "redis")
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of one app: enqueue and round-trip tasks/s, and CPU microseconds per task by process group."""
+
+    enqueue_per_s: float
+    roundtrip_per_s: float
+    cpu_us_per_task: dict[str, float]
 
 
 def measure(submit: Submit, tasks: int) -> tuple[float, float]:
@@ -45,14 +60,7 @@ def run_roundtrip(settings: Settings, args: BenchOptions) -> dict[str, Any]:
         # Every task is queued at once: the queue cap's script still runs on each push, but refuses none.
         uncapped = replace(bench, max_queue=MAX_QUEUE_LIMIT, queue_caps=())
         runs = _measure_apps(uncapped, tasks, rounds, concurrency)
-    summary: dict[str, dict[str, Any]] = {
-        name: {
-            "enqueue_per_s": round(median([r[0] for r in values]), 1),
-            "roundtrip_per_s": round(median([r[1] for r in values]), 1),
-            "runs": [[round(e, 1), round(t, 1)] for e, t in values],
-        }
-        for name, values in runs.items()
-    }
+    summary = {name: _summary(values) for name, values in runs.items()}
 
     def ratio(app: str, base: str, what: str) -> float:
         return round(float(summary[app][f"{what}_per_s"]) / float(summary[base][f"{what}_per_s"]), 3)
@@ -68,12 +76,27 @@ def run_roundtrip(settings: Settings, args: BenchOptions) -> dict[str, Any]:
             "signed_vs_plain_enqueue": ratio("signed", "plain", "enqueue"),
             "signed_vs_auth_roundtrip": ratio("signed", "auth", "roundtrip"),
             "signed_vs_auth_enqueue": ratio("signed", "auth", "enqueue"),
+            "plain_vs_signed_cpu_per_task": round(
+                summary["plain"]["cpu_us_per_task"]["total"] / summary["signed"]["cpu_us_per_task"]["total"], 3
+            ),
         },
         "host": host_facts(),
     }
 
 
-def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) -> dict[str, list[tuple[float, float]]]:
+def _summary(values: list[Round]) -> dict[str, Any]:
+    """An app's medians over its rounds (CPU: the median of each group, and of each round's total)."""
+    cpu = {group: round(median([r.cpu_us_per_task.get(group, 0.0) for r in values])) for group in CPU_GROUPS}
+    cpu["total"] = round(median([sum(r.cpu_us_per_task.values()) for r in values]))
+    return {
+        "enqueue_per_s": round(median([r.enqueue_per_s for r in values]), 1),
+        "roundtrip_per_s": round(median([r.roundtrip_per_s for r in values]), 1),
+        "cpu_us_per_task": cpu,
+        "runs": [[round(r.enqueue_per_s, 1), round(r.roundtrip_per_s, 1)] for r in values],
+    }
+
+
+def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) -> dict[str, list[Round]]:
     """Start the three workers side by side and measure each app ``rounds`` times, alternating."""
     from xnai_tasks.bench import auth_app, plain_app
     from xnai_tasks.client.sync import Client
@@ -111,15 +134,21 @@ def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) ->
         "plain": lambda i: plain.send_task("plain.noop", kwargs={"value": i}, queue=plain_app.QUEUE),
         "auth": lambda i: auth.send_task("auth.noop", kwargs={"value": i}, queue=auth_app.QUEUE),
     }
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in apps}
+    runs: dict[str, list[Round]] = {name: [] for name in apps}
     with contextlib.ExitStack() as stack:
-        for argv, node, pinger in workers:
-            stack.enter_context(worker_process(argv, bench, pinger, node, auth_env))
+        meters = {}
+        for (argv, node, pinger), name in zip(workers, apps, strict=True):
+            proc = stack.enter_context(worker_process(argv, bench, pinger, node, auth_env))
+            meters[name] = CpuMeter({"worker": proc.pid, "redis": embedded_pid(bench)}, alone={"client": os.getpid()})
         for submit in apps.values():
             measure(submit, WARMUP_TASKS)
         for _ in range(rounds):
             for name, submit in apps.items():
-                runs[name].append(measure(submit, tasks))
+                used: dict[str, float] = {}
+                with meters[name].measuring(used):
+                    enqueue, roundtrip = measure(submit, tasks)
+                cpu = {group: seconds / tasks * 1e6 for group, seconds in used.items()}
+                runs[name].append(Round(enqueue, roundtrip, cpu))
     ours.close()
     control.close()
     return runs

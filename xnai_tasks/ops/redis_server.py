@@ -280,3 +280,11 @@ def _is_redis(pid: int) -> bool:
         return b"redis" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def embedded_pid(settings: Settings) -> int | None:
+    """The pid of the embedded Redis of ``settings``' home, when one runs (None for an external Redis)."""
+    if not settings.embedded:
+        return None
+    pid = _read_pid(settings.redis_dir / c.REDIS_PIDFILE)
+    return pid if pid is not None and pid_alive(pid) and _is_redis(pid) else None

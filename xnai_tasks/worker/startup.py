@@ -281,6 +281,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         _fatal(role, problem, problem.exit_code)
         return
     from xnai_tasks.batching import runtime as batching
+    from xnai_tasks.batching.encoder_process import EncoderProcess
 
     # a batching worker (XNAI_BATCH) is one process whose pool threads are task threads, not processes
     threaded = batching.batches(process_settings(), role) and batching.is_thread_pool(sender)
@@ -294,11 +295,14 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     if sender is not None:
         publish_verdicts(str(sender.app.conf.broker_url), role)
     if threaded:
-        batching.start(
-            process_settings(),
-            applied.threads_per_process,
-            registry(batching.BATCHED_ROLE).encoder.use,
+        model = registry(batching.BATCHED_ROLE).encoder.model
+        encoder = EncoderProcess(
+            model.path,
+            threads=applied.threads_per_process,
+            max_length=int(model.params.get("max_length", 256)),
+            label=f"{role} encoder",
         )
+        batching.start(process_settings(), encoder)
 
 
 def freeze_before_fork(**_: Any) -> None:

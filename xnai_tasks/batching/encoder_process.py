@@ -1,0 +1,273 @@
+"""The batching worker's encoder, run in a process of its own.
+
+Why a process: a batching worker is one process whose consumer and task threads (gate, signing, result
+stores) run Python all the time. torch gives up the GIL inside an operator but must take it back between
+operators, dozens of times per forward pass, and waits behind those threads each time: measured on 2 cores,
+the same batches ran at 145 texts/s alone and at about 95 texts/s inside the worker. Here the encoder's
+process runs nothing else, and the worker's Python work and the encoder's compute overlap.
+
+The two talk over the child's stdin and stdout in frames (a 4-byte length, then the bytes): a request is the
+JSON list of texts; a reply is ``V`` with the count, the dimension and the vectors as float32 (the encoder's own
+precision, so the vectors are the ones an in-process call returns), or ``T`` (the tokenizer refused a text: the
+batcher then runs each request alone, so the bad text fails only its own task) or ``E`` (the encoder failed) with
+one line saying why. No Python objects are serialized. The child leaves when its stdin closes (the worker
+ended, however it ended).
+
+When the child dies (a crash, a kill), the worker logs it in one line and the call is made once more on a new
+child; a second death, or a hang past :data:`CALL_TIMEOUT_S` (the child is killed), fails the call with
+:class:`~xnai_tasks.errors.ModelError` and that line. At most :data:`MAX_STARTS_PER_MINUTE` children start in a
+minute; then calls are refused in one line until the minute ends: a text that kills the encoder cannot loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from collections import deque
+from pathlib import Path
+from typing import IO, Final
+
+from xnai_tasks.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Seconds a call may take (a batch, or a large request) before the child counts as hung and is killed.
+CALL_TIMEOUT_S: Final = 120.0
+#: Seconds a new child may take to load the encoder.
+START_TIMEOUT_S: Final = 120.0
+#: Children started within a minute before calls are refused: a child that dies on every call must not loop.
+MAX_STARTS_PER_MINUTE: Final = 5
+
+_READY: Final = b"R"
+_VECTORS: Final = b"V"
+_REFUSED: Final = b"T"
+_ERROR: Final = b"E"
+_LENGTH = struct.Struct(">I")
+_SHAPE = struct.Struct(">II")
+
+
+class EncoderProcess:
+    """A child process holding the encoder at ``path``; :meth:`encode` sends it texts, one call at a time."""
+
+    def __init__(self, path: Path, *, threads: int, max_length: int, label: str = "encoder") -> None:
+        self.path = path
+        self.threads = max(1, threads)
+        self.max_length = max_length
+        self.label = label
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._ready = False
+        self._starts: deque[float] = deque()
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid (None before the first start and after a death)."""
+        return self._child.pid if self._child is not None and self._child.poll() is None else None
+
+    def start(self) -> None:
+        """Start the child now (it loads while the worker goes on); calls wait for it to be ready."""
+        with self._lock:
+            self._spawn()
+
+    def encode(self, texts: list[str]) -> list[list[float]]:
+        """The vectors of ``texts``, in order. ValueError: the encoder refused them; ModelError: the child failed.
+
+        A child found dead (before or during the call) is replaced and the call made once more on the new one
+        (embedding has no side effect); a child that hung is not: the call fails.
+        """
+        request = json.dumps(texts).encode()
+        with self._lock:
+            if self._child is not None and self._child.poll() is not None:
+                self._died("it ended between two calls")  # logged; this call runs on a new one
+            try:
+                reply = self._call(request)
+            except _Died as died:
+                if died.hung:
+                    raise died.error from None
+                try:
+                    reply = self._call(request)
+                except _Died as again:
+                    raise again.error from None
+        return _vectors(reply)
+
+    def _call(self, request: bytes) -> bytes:
+        if self._child is None:
+            self._spawn()
+        try:
+            self._await_ready()
+            _write_frame(self._stdin(), request)
+            return self._read(CALL_TIMEOUT_S)
+        except OSError as exc:  # a pipe broken by a child that died while we wrote
+            raise _Died(self._died(f"{type(exc).__name__}: {exc}")) from None
+
+    def close(self) -> None:
+        """Stop the child (it also leaves by itself when the worker's end of its stdin closes)."""
+        with self._lock:
+            child, self._child = self._child, None
+            if child is None:
+                return
+            if child.stdin is not None:
+                child.stdin.close()
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _spawn(self) -> None:
+        now = time.monotonic()
+        while self._starts and now - self._starts[0] > 60:
+            self._starts.popleft()
+        if len(self._starts) >= MAX_STARTS_PER_MINUTE:
+            raise ModelError(
+                f"the {self.label} process died {len(self._starts)} times within a minute: not started again "
+                "before that minute ends (see the worker log for why it died)"
+            )
+        self._starts.append(now)
+        self._ready = False
+        self._child = subprocess.Popen(  # our own interpreter and module; stderr goes to the worker's log
+            [sys.executable, "-m", __name__, str(self.path), str(self.threads), str(self.max_length)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        log.info("%s process started (pid %d)", self.label, self._child.pid)
+
+    def _await_ready(self) -> None:
+        if self._ready:
+            return
+        if self._read(START_TIMEOUT_S) != _READY:
+            raise _Died(self._died("it did not say it was ready"))
+        self._ready = True
+
+    def _stdin(self) -> IO[bytes]:
+        assert self._child is not None and self._child.stdin is not None
+        return self._child.stdin
+
+    def _read(self, timeout_s: float) -> bytes:
+        assert self._child is not None and self._child.stdout is not None
+        stdout = self._child.stdout
+        ready, _, _ = select.select([stdout], [], [], timeout_s)
+        if not ready:
+            self._child.kill()
+            raise _Died(self._died(f"no answer within {timeout_s:g} s (killed)"), hung=True)
+        frame = _read_frame(stdout)
+        if frame is None:
+            raise _Died(self._died("its output ended"))
+        return frame
+
+    def _died(self, what: str) -> ModelError:
+        """The child is gone (or made to go): one line for the log and the caller; the next call starts another."""
+        child, self._child = self._child, None
+        code = None
+        if child is not None:
+            try:
+                code = child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                code = child.wait()
+        ended = _exit_text(code)
+        line = f"the {self.label} process ended ({ended}): {what}; the next call starts a new one"
+        log.warning(line, extra={"event": "encoder_process_died", "exit": ended})
+        return ModelError(line)
+
+
+class _Died(Exception):
+    """The child ended during a call (``hung``: made to, after no answer); ``error`` is the caller's one line."""
+
+    def __init__(self, error: ModelError, *, hung: bool = False) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.hung = hung
+
+
+def _vectors(reply: bytes) -> list[list[float]]:
+    kind, body = reply[:1], reply[1:]
+    if kind == _REFUSED:
+        raise ValueError(body.decode(errors="replace"))
+    if kind == _ERROR:
+        raise ModelError(f"the encoder failed: {body.decode(errors='replace')}")
+    if kind != _VECTORS or len(body) < _SHAPE.size:
+        raise ModelError("the encoder process sent a reply it should not: not vectors")
+    count, dim = _SHAPE.unpack_from(body)
+    flat = array("f")
+    flat.frombytes(body[_SHAPE.size :])
+    if len(flat) != count * dim:
+        raise ModelError(f"the encoder process sent {len(flat)} numbers for {count} vectors of {dim}")
+    values = flat.tolist()
+    return [values[i * dim : (i + 1) * dim] for i in range(count)]
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exit unknown"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _write_frame(stream: IO[bytes], payload: bytes) -> None:
+    stream.write(_LENGTH.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read_frame(stream: IO[bytes]) -> bytes | None:
+    head = _read_exactly(stream, _LENGTH.size)
+    if head is None:
+        return None
+    (size,) = _LENGTH.unpack(head)
+    return _read_exactly(stream, size)
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
+    chunks: list[bytes] = []
+    left = size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def serve(path: Path, threads: int, max_length: int) -> int:
+    """The child: load the encoder, say ready, then answer frames until stdin closes."""
+    from xnai_tasks.batching.runtime import embed_batch
+    from xnai_tasks.models.loading import load_encoder
+
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever a library prints goes to the log, never into a frame
+    requests = os.fdopen(os.dup(0), "rb")
+    encoder = load_encoder(path, threads, max_length=max_length)
+    _write_frame(replies, _READY)
+    while (request := _read_frame(requests)) is not None:
+        try:
+            texts = json.loads(request)
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise TypeError("a request must be a list of texts")
+            vectors = embed_batch(encoder, texts)
+            dim = len(vectors[0]) if vectors else 0
+            flat = array("f", [x for vector in vectors for x in vector])
+            reply = _VECTORS + _SHAPE.pack(len(vectors), dim) + flat.tobytes()
+        except Exception as exc:  # said in one line; the child goes on
+            kind = _REFUSED if isinstance(exc, (ValueError, TypeError)) else _ERROR
+            reply = kind + " ".join(f"{type(exc).__name__}: {exc}".split())[:1000].encode()
+        _write_frame(replies, reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
