@@ -9,7 +9,8 @@ the consumer's gate verifies every message before it reaches the pool, the task'
 own result, which the backend signs with the role's key, ``task_postrun`` finishes its own nonce, and its
 message is acknowledged only after its own result is stored (``acks_late``): a killed worker leaves every
 message it held unacked, and they are delivered again. The role's threads (the plan's CPU set) go to torch
-in the encoder's own process (:mod:`.encoder_process`: away from this process's GIL). The cost: Celery's thread
+in the encoder's own process (:mod:`.encoder_process`: away from this process's GIL); this process loads no
+model unless something else in it asks (the semantic cache). The cost: Celery's thread
 pool enforces no time limit on a task.
 
 Not chosen: celery-batches' way (the task's strategy buffers requests in the consumer and flushes them to the

@@ -124,10 +124,16 @@ def generation_report(holder: ModelHolder[LLM], out: Generation, timer: Timer) -
     }
 
 
-def start_role(role: str, concurrency: int | None) -> tuple[RolePlan, ModelRegistry]:
-    """Apply the plan and make the models ready in this (parent) process; return the plan as applied."""
+def start_role(role: str, concurrency: int | None, *, lazy_models: bool = False) -> tuple[RolePlan, ModelRegistry]:
+    """Apply the plan and make the models ready in this (parent) process; return the plan as applied.
+
+    ``lazy_models``: load a model here only when something in this process asks for it (a batching worker,
+    whose encoder calls go to its encoder process).
+    """
     current = process_settings()
     applied = for_concurrency(plan_for(current).roles[role], concurrency, current.threads)
+    if lazy_models:
+        applied = replace(applied, model_mode="lazy")
     pin_cpus(applied.cpus)
     if applied.threads > len(applied.cpus):
         log.warning(
@@ -286,7 +292,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     # a batching worker (XNAI_BATCH) is one process whose pool threads are task threads, not processes
     threaded = batching.batches(process_settings(), role) and batching.is_thread_pool(sender)
     try:
-        applied = start_role(role, 1 if threaded else given)[0]
+        applied = start_role(role, 1 if threaded else given, lazy_models=threaded)[0]
     except XnaiError as exc:
         _fatal(role, exc)
         return
