@@ -33,6 +33,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Final
 
@@ -154,13 +155,23 @@ class EncoderProcess:
         return self._child.stdin
 
     def _read(self, timeout_s: float) -> bytes:
+        """The child's next frame, whole within ``timeout_s`` (read from the pipe itself: nothing is buffered here
+        that ``select`` would not see)."""
         assert self._child is not None and self._child.stdout is not None
-        stdout = self._child.stdout
-        ready, _, _ = select.select([stdout], [], [], timeout_s)
-        if not ready:
+        fd = self._child.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+
+        def read(size: int) -> bytes:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError
+            return os.read(fd, size)
+
+        try:
+            frame = _read_frame(read)
+        except TimeoutError:
             self._child.kill()
-            raise _Died(self._died(f"no answer within {timeout_s:g} s (killed)"), hung=True)
-        frame = _read_frame(stdout)
+            raise _Died(self._died(f"no answer within {timeout_s:g} s (killed)"), hung=True) from None
         if frame is None:
             raise _Died(self._died("its output ended"))
         return frame
@@ -223,19 +234,20 @@ def _write_frame(stream: IO[bytes], payload: bytes) -> None:
     stream.flush()
 
 
-def _read_frame(stream: IO[bytes]) -> bytes | None:
-    head = _read_exactly(stream, _LENGTH.size)
+def _read_frame(read: Callable[[int], bytes]) -> bytes | None:
+    """A frame read with ``read(n)`` (up to n bytes, b"" at the end); None when the stream ends first."""
+    head = _read_exactly(read, _LENGTH.size)
     if head is None:
         return None
     (size,) = _LENGTH.unpack(head)
-    return _read_exactly(stream, size)
+    return _read_exactly(read, size)
 
 
-def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
+def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes | None:
     chunks: list[bytes] = []
     left = size
     while left:
-        chunk = stream.read(left)
+        chunk = read(left)
         if not chunk:
             return None
         chunks.append(chunk)
@@ -253,7 +265,7 @@ def serve(path: Path, threads: int, max_length: int) -> int:
     requests = os.fdopen(os.dup(0), "rb")
     encoder = load_encoder(path, threads, max_length=max_length)
     _write_frame(replies, _READY)
-    while (request := _read_frame(requests)) is not None:
+    while (request := _read_frame(requests.read)) is not None:
         try:
             texts = json.loads(request)
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
