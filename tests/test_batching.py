@@ -342,7 +342,12 @@ def test_a_killed_encoder_process_is_said_and_replaced_and_the_worker_goes_on(
     worker = stack.children[WORKER].pid
     [encoder] = _encoder_processes(worker)
     # When it is killed outright
-    encoder.kill()  # a zombie until the worker notices (on its next call) and reaps it
+    encoder.kill()
+    # and gone but for its exit status (a zombie with no thread left: the worker reaps it on its next call)
+    deadline = time.monotonic() + 10
+    while not (encoder.status() == psutil.STATUS_ZOMBIE and encoder.num_threads() <= 1):
+        assert time.monotonic() < deadline, "the killed encoder process did not end"
+        time.sleep(0.05)
     # Then the worker answers the next tasks (a new encoder process), each with its own vector
     texts = [f"After the encoder died, note {i}." for i in range(6)]
     handles = [client.submit("curation", "embed", texts=[text]) for text in texts]

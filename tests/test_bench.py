@@ -12,7 +12,7 @@ from support import run_xnai
 
 def test_roundtrip_bench_reports_both_apps_and_ratios(home: Path) -> None:
     done = run_xnai(
-        ["bench", "roundtrip", "--json", "--tasks", "40", "--rounds", "1"], Settings(home=home), timeout=300
+        ["bench", "roundtrip", "--json", "--tasks", "200", "--rounds", "1"], Settings(home=home), timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)

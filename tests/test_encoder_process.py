@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,15 +86,27 @@ def test_its_vectors_are_the_in_process_ones(child: EncoderProcess, in_process: 
 def test_a_text_the_tokenizer_refuses_fails_alone_and_the_child_goes_on(child: EncoderProcess) -> None:
     # Given a running child
     pid = child.pid
-    # When it is sent a request the encoder cannot read (not texts)
-    with pytest.raises(ValueError, match="TypeError: a request must be a list of texts"):
-        child.encode([1, 2])  # type: ignore[list-item]
-    # Then the same child answers the next request
+    # When it is sent a text the tokenizer cannot read (a lone surrogate: valid JSON, not UTF-8)
+    with pytest.raises(ValueError) as raised:
+        child.encode(["broken \ud800 text"])
+    # Then the call fails with the encoder's reason in one line, and the same child answers the next request
+    assert str(raised.value) and "\n" not in str(raised.value)
     assert len(child.encode(["still here"])) == 1
     assert child.pid == pid
 
 
-def test_a_child_killed_mid_call_is_said_in_one_line_and_the_call_runs_again_on_a_new_one(
+def test_a_large_request_is_sent_in_parts_and_answered_in_order(
+    child: EncoderProcess, in_process: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given parts of 4 texts
+    monkeypatch.setattr(ep, "PART_TEXTS", 4)
+    texts = [f"{text} ({i})" for i, text in enumerate(TEXTS * 3)]
+    # When 12 texts are encoded
+    # Then the vectors are those of one in-process call, in order
+    assert child.encode(texts) == embed_batch(in_process, texts)
+
+
+def test_a_child_killed_mid_call_fails_that_call_in_one_line_and_the_next_gets_a_new_one(
     child: EncoderProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Given a running child, stopped so that the call below is in progress when it is killed
@@ -101,15 +114,17 @@ def test_a_child_killed_mid_call_is_said_in_one_line_and_the_call_runs_again_on_
     assert first is not None and child.encode(["ready"])
     os.kill(first, signal.SIGSTOP)
     killer = subprocess.Popen([sys.executable, "-c", f"import os,time; time.sleep(1); os.kill({first}, 9)"])
-    # When a call is made and the child dies during it
-    with caplog.at_level(logging.WARNING):
-        vectors = child.encode(["asked once, answered once"])
+    # When a call is made and the child dies during it (its request may be what killed it: not sent again)
+    with caplog.at_level(logging.WARNING), pytest.raises(ModelError) as raised:
+        child.encode(["lost"])
     killer.wait()
-    # Then the death is logged in one line naming the signal
-    died = [r.getMessage() for r in caplog.records if "signal SIGKILL" in r.getMessage()]
-    assert len(died) == 1 and "\n" not in died[0] and "the next call starts a new one" in died[0]
-    # And the call was answered by a new child
-    assert len(vectors) == 1 and child.pid not in (None, first)
+    # Then the call fails with one line naming the signal, logged as well
+    line = str(raised.value)
+    assert "\n" not in line and "signal SIGKILL" in line and "the next call starts a new one" in line
+    assert [r.getMessage() for r in caplog.records if "SIGKILL" in r.getMessage()] == [line]
+    # And the next call runs on a new child
+    assert len(child.encode(["again"])) == 1
+    assert child.pid not in (None, first)
 
 
 def test_a_child_that_died_between_calls_is_said_and_replaced(
@@ -137,8 +152,8 @@ def test_a_hung_child_is_killed_after_the_call_timeout(child: EncoderProcess, mo
     # When a call is made
     with pytest.raises(ModelError, match=r"no answer within 1 s \(killed\)"):
         child.encode(["never answered"])
-    # Then the hung child is gone, not left behind
-    assert _wait_gone(first)
+    # Then the hung child is gone, reaped, not left behind
+    assert child.pid is None and not psutil.pid_exists(first)
 
 
 def test_a_child_that_keeps_dying_is_not_started_again_within_the_minute(
@@ -159,7 +174,7 @@ def test_a_child_that_keeps_dying_is_not_started_again_within_the_minute(
                 assert len(made.encode(["x"])) == 1
                 continue
             # And the third is refused in one line, with no child started for it
-            with pytest.raises(ModelError, match="died 2 times within a minute: not started again") as raised:
+            with pytest.raises(ModelError, match="started 2 times within a minute: not started again") as raised:
                 made.encode(["x"])
             assert "\n" not in str(raised.value) and made.pid is None
     finally:
@@ -191,3 +206,58 @@ def test_a_child_leaves_when_its_worker_dies(encoder_file: ModelFile, tmp_path: 
         assert _wait_gone(pid)
     finally:
         owner.kill()
+
+
+def test_a_model_the_child_cannot_load_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    # Given a folder that holds no model
+    made = EncoderProcess(tmp_path, threads=1, max_length=256, label="test encoder")
+    # When the encoder process is started
+    with pytest.raises(ModelError) as raised:
+        made.start()
+    # Then the start fails with one line saying why the child could not load it, and no child is left
+    line = str(raised.value)
+    assert "\n" not in line and "it could not start: ModelError: transformers cannot load" in line
+    assert made.pid is None
+    made.close()
+
+
+def test_a_reply_that_is_not_the_vectors_asked_for_is_refused() -> None:
+    # Given replies that do not match a request of 2 texts
+    good = ep._VECTORS + ep._SHAPE.pack(2, 3) + array("f", [0.5] * 6).tobytes()
+    assert ep._vectors(good, 2) == [[0.5] * 3, [0.5] * 3]
+    bad = {
+        "another count": ep._VECTORS + ep._SHAPE.pack(3, 2) + array("f", [0.5] * 6).tobytes(),
+        "no dimension": ep._VECTORS + ep._SHAPE.pack(2, 0),
+        "cut short": good[:-4],
+        "too long": good + b"\0\0\0\0",
+        "unknown kind": b"X" + good[1:],
+    }
+    # When each is read, Then it is refused as a model error, never turned into vectors
+    for name, reply in bad.items():
+        with pytest.raises(ModelError, match="the encoder process sent"):
+            ep._vectors(reply, 2)
+            pytest.fail(f"{name}: read as vectors")
+    # And an error from the encoder is one line
+    with pytest.raises(ModelError, match="the encoder failed: RuntimeError: out of memory"):
+        ep._vectors(ep._ERROR + b"RuntimeError: out of\nmemory", 2)
+
+
+def test_a_reply_cut_off_mid_frame_times_out_and_its_child_is_killed(tmp_path: Path) -> None:
+    # Given a child (standing in for the encoder) that writes half a frame, then nothing more
+    made = EncoderProcess(tmp_path, threads=1, max_length=256, label="test encoder")
+    made._child = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time; sys.stdout.buffer.write(b'\\0\\0\\0\\x10half'); "
+         "sys.stdout.flush(); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    made._ready = True
+    pid = made._child.pid
+    # When its reply is read with a 1 s limit
+    started = time.monotonic()
+    with pytest.raises(ep._Died) as raised:
+        made._read(1.0)
+    # Then the read gives up within the limit (not blocked on the missing bytes), and the child is killed
+    assert time.monotonic() - started < 5
+    assert "no answer within 1 s (killed)" in str(raised.value.error) and "signal SIGKILL" in str(raised.value.error)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -3,7 +3,7 @@
 Why a process: a batching worker is one process whose consumer and task threads (gate, signing, result
 stores) run Python all the time. torch gives up the GIL inside an operator but must take it back between
 operators, dozens of times per forward pass, and waits behind those threads each time: measured on 2 cores,
-the same batches ran at 145 texts/s alone and at about 95 texts/s inside the worker. Here the encoder's
+the same batches ran at 142-145 texts/s alone and at about 95 texts/s inside the worker. Here the encoder's
 process runs nothing else, and the worker's Python work and the encoder's compute overlap.
 
 The two talk over the child's stdin and stdout in frames (a 4-byte length, then the bytes): a request is the
@@ -13,14 +13,19 @@ batcher then runs each request alone, so the bad text fails only its own task) o
 one line saying why. No Python objects are serialized. The child leaves when its stdin closes (the worker
 ended, however it ended).
 
-When the child dies (a crash, a kill), the worker logs it in one line and the call is made once more on a new
-child; a second death, or a hang past :data:`CALL_TIMEOUT_S` (the child is killed), fails the call with
-:class:`~xnai_tasks.errors.ModelError` and that line. At most :data:`MAX_STARTS_PER_MINUTE` children start in a
-minute; then calls are refused in one line until the minute ends: a text that kills the encoder cannot loop.
+The worker starts the child and waits until it has loaded the encoder: a model it cannot load stops the worker
+in one line, as a preloaded model would. When the child dies, the worker logs one line and the next call starts
+a new child. A call that finds it gone before its request was read (a broken pipe) runs on a new one; a call
+during which it died (it may be what killed it) or that it did not answer within :data:`CALL_TIMEOUT_S` (it is
+killed) fails with :class:`~xnai_tasks.errors.ModelError` and that line; the batcher then runs each request of
+the batch alone, so a text that crashes the encoder fails only its own task. At most
+:data:`MAX_STARTS_PER_MINUTE` children start in a minute; past that, calls are refused in one line until the
+minute ends: nothing can loop on restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,12 +46,17 @@ from xnai_tasks.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: Seconds a call may take (a batch, or a large request) before the child counts as hung and is killed.
+#: Seconds a call may take before the child counts as hung and is killed (a large request is sent in parts of
+#: :data:`PART_TEXTS`, each a call of its own).
 CALL_TIMEOUT_S: Final = 120.0
+#: Texts per call of a large request.
+PART_TEXTS: Final = 256
+#: The largest reply frame read (a part's vectors are a few MiB at most).
+MAX_FRAME_BYTES: Final = 256 * 2**20
 #: Seconds a new child may take to load the encoder.
 START_TIMEOUT_S: Final = 120.0
 #: Children started within a minute before calls are refused: a child that dies on every call must not loop.
-MAX_STARTS_PER_MINUTE: Final = 5
+MAX_STARTS_PER_MINUTE: Final = 10
 
 _READY: Final = b"R"
 _VECTORS: Final = b"V"
@@ -72,19 +82,27 @@ class EncoderProcess:
     @property
     def pid(self) -> int | None:
         """The running child's pid (None before the first start and after a death)."""
-        return self._child.pid if self._child is not None and self._child.poll() is None else None
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
 
     def start(self) -> None:
-        """Start the child now (it loads while the worker goes on); calls wait for it to be ready."""
+        """Start the child and wait until it has loaded the encoder; ModelError (one line) if it cannot."""
         with self._lock:
-            self._spawn()
+            if self._child is None:
+                self._spawn()
+            try:
+                self._await_ready()
+            except _Died as died:
+                raise died.error from None
 
     def encode(self, texts: list[str]) -> list[list[float]]:
-        """The vectors of ``texts``, in order. ValueError: the encoder refused them; ModelError: the child failed.
+        """The vectors of ``texts``, in order. ValueError: the encoder refused them; ModelError: the child failed."""
+        vectors: list[list[float]] = []
+        for at in range(0, len(texts), PART_TEXTS):
+            vectors.extend(self._encode_part(texts[at : at + PART_TEXTS]))
+        return vectors
 
-        A child found dead (before or during the call) is replaced and the call made once more on the new one
-        (embedding has no side effect); a child that hung is not: the call fails.
-        """
+    def _encode_part(self, texts: list[str]) -> list[list[float]]:
         request = json.dumps(texts).encode()
         with self._lock:
             if self._child is not None and self._child.poll() is not None:
@@ -92,23 +110,23 @@ class EncoderProcess:
             try:
                 reply = self._call(request)
             except _Died as died:
-                if died.hung:
+                if not died.unread:
                     raise died.error from None
-                try:
+                try:  # it was gone before it read the request: the request cannot be what killed it
                     reply = self._call(request)
                 except _Died as again:
                     raise again.error from None
-        return _vectors(reply)
+        return _vectors(reply, len(texts))
 
     def _call(self, request: bytes) -> bytes:
         if self._child is None:
             self._spawn()
+        self._await_ready()
         try:
-            self._await_ready()
             _write_frame(self._stdin(), request)
-            return self._read(CALL_TIMEOUT_S)
-        except OSError as exc:  # a pipe broken by a child that died while we wrote
-            raise _Died(self._died(f"{type(exc).__name__}: {exc}")) from None
+        except OSError as exc:  # nobody reads the pipe: the child was gone before this request
+            raise _Died(self._died(f"{type(exc).__name__}: {exc}"), unread=True) from None
+        return self._read(CALL_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop the child (it also leaves by itself when the worker's end of its stdin closes)."""
@@ -116,8 +134,7 @@ class EncoderProcess:
             child, self._child = self._child, None
             if child is None:
                 return
-            if child.stdin is not None:
-                child.stdin.close()
+            _close_pipes(child)
             try:
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -130,8 +147,8 @@ class EncoderProcess:
             self._starts.popleft()
         if len(self._starts) >= MAX_STARTS_PER_MINUTE:
             raise ModelError(
-                f"the {self.label} process died {len(self._starts)} times within a minute: not started again "
-                "before that minute ends (see the worker log for why it died)"
+                f"the {self.label} process was started {len(self._starts)} times within a minute: not started "
+                "again before that minute ends (the worker log says why each one ended)"
             )
         self._starts.append(now)
         self._ready = False
@@ -146,8 +163,10 @@ class EncoderProcess:
     def _await_ready(self) -> None:
         if self._ready:
             return
-        if self._read(START_TIMEOUT_S) != _READY:
-            raise _Died(self._died("it did not say it was ready"))
+        frame = self._read(START_TIMEOUT_S)
+        if frame != _READY:
+            why = _one_line(frame[1:]) if frame[:1] == _ERROR else "it did not say it was ready"
+            raise _Died(self._died(f"it could not start: {why}"))
         self._ready = True
 
     def _stdin(self) -> IO[bytes]:
@@ -168,10 +187,13 @@ class EncoderProcess:
             return os.read(fd, size)
 
         try:
-            frame = _read_frame(read)
+            frame = _read_frame(read, MAX_FRAME_BYTES)
         except TimeoutError:
             self._child.kill()
-            raise _Died(self._died(f"no answer within {timeout_s:g} s (killed)"), hung=True) from None
+            raise _Died(self._died(f"no answer within {timeout_s:g} s (killed)")) from None
+        except ValueError as exc:  # a frame larger than any reply: not our child's output
+            self._child.kill()
+            raise _Died(self._died(f"{exc} (killed)")) from None
         if frame is None:
             raise _Died(self._died("its output ended"))
         return frame
@@ -181,6 +203,7 @@ class EncoderProcess:
         child, self._child = self._child, None
         code = None
         if child is not None:
+            _close_pipes(child)
             try:
                 code = child.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -193,29 +216,41 @@ class EncoderProcess:
 
 
 class _Died(Exception):
-    """The child ended during a call (``hung``: made to, after no answer); ``error`` is the caller's one line."""
+    """The child ended during a call; ``error`` is the caller's one line; ``unread``: before it read the request."""
 
-    def __init__(self, error: ModelError, *, hung: bool = False) -> None:
+    def __init__(self, error: ModelError, *, unread: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
-        self.hung = hung
+        self.unread = unread
 
 
-def _vectors(reply: bytes) -> list[list[float]]:
+def _close_pipes(child: subprocess.Popen[bytes]) -> None:
+    for pipe in (child.stdin, child.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):  # a broken pipe's unwritten bytes: nobody will read them
+                pipe.close()
+
+
+def _vectors(reply: bytes, expected: int) -> list[list[float]]:
+    """The vectors of a reply to ``expected`` texts; ValueError (refused texts) or ModelError (anything else)."""
     kind, body = reply[:1], reply[1:]
     if kind == _REFUSED:
-        raise ValueError(body.decode(errors="replace"))
+        raise ValueError(_one_line(body))
     if kind == _ERROR:
-        raise ModelError(f"the encoder failed: {body.decode(errors='replace')}")
+        raise ModelError(f"the encoder failed: {_one_line(body)}")
     if kind != _VECTORS or len(body) < _SHAPE.size:
         raise ModelError("the encoder process sent a reply it should not: not vectors")
     count, dim = _SHAPE.unpack_from(body)
+    if count != expected or (count and dim == 0) or len(body) != _SHAPE.size + 4 * count * dim:
+        raise ModelError(f"the encoder process sent {count} vectors of {dim} for {expected} texts")
     flat = array("f")
     flat.frombytes(body[_SHAPE.size :])
-    if len(flat) != count * dim:
-        raise ModelError(f"the encoder process sent {len(flat)} numbers for {count} vectors of {dim}")
     values = flat.tolist()
     return [values[i * dim : (i + 1) * dim] for i in range(count)]
+
+
+def _one_line(raw: bytes) -> str:
+    return " ".join(raw.decode(errors="replace").split())[:1000]
 
 
 def _exit_text(code: int | None) -> str:
@@ -234,12 +269,15 @@ def _write_frame(stream: IO[bytes], payload: bytes) -> None:
     stream.flush()
 
 
-def _read_frame(read: Callable[[int], bytes]) -> bytes | None:
-    """A frame read with ``read(n)`` (up to n bytes, b"" at the end); None when the stream ends first."""
+def _read_frame(read: Callable[[int], bytes], limit: int | None = None) -> bytes | None:
+    """A frame read with ``read(n)`` (up to n bytes, b"" at the end); None when the stream ends first.
+    ValueError when it announces more than ``limit`` bytes."""
     head = _read_exactly(read, _LENGTH.size)
     if head is None:
         return None
     (size,) = _LENGTH.unpack(head)
+    if limit is not None and size > limit:
+        raise ValueError(f"a frame of {size} bytes announced, at most {limit} expected")
     return _read_exactly(read, size)
 
 
@@ -260,10 +298,15 @@ def serve(path: Path, threads: int, max_length: int) -> int:
     from xnai_tasks.batching.runtime import embed_batch
     from xnai_tasks.models.loading import load_encoder
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the worker's to handle; it closes our stdin
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # whatever a library prints goes to the log, never into a frame
     requests = os.fdopen(os.dup(0), "rb")
-    encoder = load_encoder(path, threads, max_length=max_length)
+    try:
+        encoder = load_encoder(path, threads, max_length=max_length)
+    except Exception as exc:  # the worker says why in its one line
+        _write_frame(replies, _ERROR + " ".join(f"{type(exc).__name__}: {exc}".split())[:1000].encode())
+        return 1
     _write_frame(replies, _READY)
     while (request := _read_frame(requests.read)) is not None:
         try:
@@ -274,7 +317,9 @@ def serve(path: Path, threads: int, max_length: int) -> int:
             dim = len(vectors[0]) if vectors else 0
             flat = array("f", [x for vector in vectors for x in vector])
             reply = _VECTORS + _SHAPE.pack(len(vectors), dim) + flat.tobytes()
-        except Exception as exc:  # said in one line; the child goes on
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # said in one line (a tokenizer's panic too); the child goes on
             kind = _REFUSED if isinstance(exc, (ValueError, TypeError)) else _ERROR
             reply = kind + " ".join(f"{type(exc).__name__}: {exc}".split())[:1000].encode()
         _write_frame(replies, reply)

@@ -70,7 +70,7 @@ def is_thread_pool(worker: Any) -> bool:
 
 def start(settings: Settings, encoder: EncoderProcess) -> EncoderBatcher:
     """Make this process's batcher (the worker parent, which is the process running the tasks); its encoder
-    calls go to ``encoder``, started here (it loads while the worker comes up)."""
+    calls go to ``encoder``, started here: ModelError (one line) when it cannot load the model."""
     encoder.start()
     _state.encoder = encoder
     _state.batcher = EncoderBatcher(

@@ -1,4 +1,5 @@
-"""CPU seconds used by named groups of processes over a stretch of a benchmark (user + system, children included).
+"""CPU seconds used by named groups of processes over a stretch of a benchmark (user + system; a group is a
+process and its living descendants: a process that ended within the stretch is not counted).
 
 Why: on a machine whose cores the client, the workers and Redis all share, a benchmark's throughput follows the
 CPU each task costs in all of them together; this says which process spends what a ratio measures.

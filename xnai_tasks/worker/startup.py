@@ -308,7 +308,10 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
             max_length=int(model.params.get("max_length", 256)),
             label=f"{role} encoder",
         )
-        batching.start(process_settings(), encoder)
+        try:
+            batching.start(process_settings(), encoder)  # waits until the encoder process has loaded the model
+        except XnaiError as exc:
+            _fatal(role, exc)
 
 
 def freeze_before_fork(**_: Any) -> None:
