@@ -22,8 +22,7 @@ import psutil
 import pytest
 
 from xnai_tasks.batching import encoder_process as ep
-from xnai_tasks.batching.encoder_process import EncoderProcess
-from xnai_tasks.batching.runtime import embed_batch
+from xnai_tasks.batching.encoder_process import EncoderProcess, embed_batch
 from xnai_tasks.errors import ModelError
 from xnai_tasks.models.loading import Encoder, load_encoder
 from xnai_tasks.models.model_file import ModelFile, resolve_model

@@ -25,19 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from xnai_tasks.batching.batcher import Batched, EncoderBatcher, Vector
 from xnai_tasks.batching.encoder_process import EncoderProcess
 from xnai_tasks.settings import Settings
 
-if TYPE_CHECKING:
-    from xnai_tasks.models.loading import Encoder
-
 #: The role whose encoder tasks are batched.
 BATCHED_ROLE = "curation"
-#: Texts per forward pass within a batch (measured on 2 cores: sorted sub-batches of 16 beat one padded pass of 32).
-SUB_BATCH = 16
 
 
 class _State:
@@ -96,7 +91,7 @@ def expecting() -> Iterator[None]:
 
 
 def encode(texts: list[str]) -> Batched:
-    """``texts`` through the batcher when they fit in a batch, else alone (still one torch call at a time)."""
+    """``texts`` through the batcher when they fit in a batch, else alone (the encoder process runs one call at a time)."""
     batcher = _state.batcher
     if batcher is not None and len(texts) <= batcher.max_size:
         return batcher.encode(texts)
@@ -108,16 +103,3 @@ def encode_now(texts: list[str]) -> list[Vector]:
     if _state.encoder is None:
         raise RuntimeError("the batcher was not started")  # a programming error: start() runs at worker_init
     return _state.encoder.encode(texts)
-
-
-def embed_batch(encoder: Encoder, texts: list[str]) -> list[Vector]:
-    """A batch's vectors, in order, the way the batcher computes them: shortest first, in sub-batches of
-    :data:`SUB_BATCH` (a sub-batch pads its texts to its longest, not to the whole batch's)."""
-    from xnai_tasks.models import inference as m
-
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    vectors = m.embed(encoder, [texts[i] for i in order], batch_size=SUB_BATCH)
-    found: list[Vector] = [[] for _ in texts]
-    for position, index in enumerate(order):
-        found[index] = vectors[position]
-    return found

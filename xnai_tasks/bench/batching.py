@@ -83,7 +83,8 @@ def run_batching(settings: Settings, args: BenchOptions) -> dict[str, Any]:
 
 def encoder_alone(settings: Settings, texts: list[str]) -> dict[str, Any]:
     """Texts/s of the curation encoder in this process: one text per call, then the batcher's calls."""
-    from xnai_tasks.batching.runtime import BATCHED_ROLE, embed_batch
+    from xnai_tasks.batching.encoder_process import embed_batch
+    from xnai_tasks.batching.runtime import BATCHED_ROLE
     from xnai_tasks.models import inference
     from xnai_tasks.models.loading import set_encoder_threads
     from xnai_tasks.models.registry import ModelRegistry
