@@ -91,7 +91,7 @@ def expecting() -> Iterator[None]:
 
 
 def encode(texts: list[str]) -> Batched:
-    """``texts`` through the batcher when they fit in a batch, else alone (the encoder process runs one call at a time)."""
+    """``texts`` through the batcher when they fit in a batch, else alone (the encoder runs one call at a time)."""
     batcher = _state.batcher
     if batcher is not None and len(texts) <= batcher.max_size:
         return batcher.encode(texts)
