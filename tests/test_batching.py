@@ -341,6 +341,10 @@ def test_a_killed_encoder_process_is_said_and_replaced_and_the_worker_goes_on(
     assert client.submit("curation", "embed", texts=["before the kill"]).get(timeout=120)["count"] == 1
     worker = stack.children[WORKER].pid
     [encoder] = _encoder_processes(worker)
+    # (the health task names it)
+    health = client.submit("curation", "health").get(timeout=60)
+    [model] = [m for m in health["models"] if m["kind"] == "encoder"]
+    assert model["encoder_process"]["pid"] == encoder.pid
     # When it is killed outright
     encoder.kill()
     # and gone but for its exit status (a zombie with no thread left: the worker reaps it on its next call)

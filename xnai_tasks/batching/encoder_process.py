@@ -90,6 +90,11 @@ class EncoderProcess:
         child = self._child
         return child.pid if child is not None and child.poll() is None else None
 
+    def describe(self) -> dict[str, int | None]:
+        """What the health task reports of it: the child's pid and how many started within the last minute."""
+        now = time.monotonic()
+        return {"pid": self.pid, "starts_last_minute": sum(1 for at in self._starts if now - at <= 60)}
+
     def start(self) -> None:
         """Start the child and wait until it has loaded the encoder; ModelError (one line) if it cannot."""
         with self._lock:

@@ -74,6 +74,11 @@ def start(settings: Settings, encoder: EncoderProcess) -> EncoderBatcher:
     return _state.batcher
 
 
+def encoder_process() -> EncoderProcess | None:
+    """This process's encoder process, if it batches."""
+    return _state.encoder
+
+
 def current() -> EncoderBatcher | None:
     """This process's batcher, if it batches."""
     return _state.batcher

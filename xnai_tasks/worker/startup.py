@@ -93,9 +93,16 @@ def describe(role: str) -> list[dict[str, Any]]:
     found = _state.registries.get(role)
     if found is None:
         return []
+    from xnai_tasks.batching import runtime as batching
+
     plan = _state.role_plan if _state.role == role else None
     threads = plan.threads_per_process if plan is not None else None
-    return [{**entry, "threads": threads} for entry in found.describe()]
+    entries = [{**entry, "threads": threads} for entry in found.describe()]
+    process = batching.encoder_process()
+    for entry in entries:
+        if process is not None and entry["kind"] == "encoder":  # a batching worker: the encoder runs there
+            entry["encoder_process"] = process.describe()
+    return entries
 
 
 @contextmanager
