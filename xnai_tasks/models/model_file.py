@@ -155,8 +155,8 @@ def _encoder_override(folder: Path, entry: ManifestEntry) -> ModelFile:
     if not (folder / "config.json").is_file():
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no config.json")
     if not any(folder.glob("*.safetensors")):
-        pickled = [p.name for p in folder.glob("*.bin")]
-        hint = f" ({', '.join(pickled)} is an unsafe object-serialized file, refused)" if pickled else ""
+        unsafe = [p.name for p in folder.glob("*.bin")]
+        hint = f" ({', '.join(unsafe)} is an unsafe object-serialized file, refused)" if unsafe else ""
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no .safetensors weights{hint}")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer.model")):
         raise ModelError(f"XNAI_ENCODER_MODEL={folder} has no tokenizer files")
