@@ -293,12 +293,12 @@ def test_missing_paths_raise(tmp_path: Path, settings: Settings, encoder_file: M
         resolve_model("gguf", Settings(home=settings.home, llm_model=not_gguf))
     with pytest.raises(ModelError, match="not a folder"):
         resolve_model("encoder", Settings(home=settings.home, encoder_model=not_gguf))
-    pickled = tmp_path / "enc"
-    pickled.mkdir()
-    (pickled / "config.json").write_text("{}")
-    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    unsafe = tmp_path / "enc"
+    unsafe.mkdir()
+    (unsafe / "config.json").write_text("{}")
+    (unsafe / "pytorch_model.bin").write_bytes(b"\x80\x02")
     with pytest.raises(ModelError, match=r"pytorch_model.bin is an unsafe object-serialized file, refused"):
-        resolve_model("encoder", Settings(home=settings.home, encoder_model=pickled))
+        resolve_model("encoder", Settings(home=settings.home, encoder_model=unsafe))
     manifest = write_manifest(tmp_path, "encoder", source={"path": str(tmp_path / "nowhere")})
     with pytest.raises(ModelError, match="is missing"):
         resolve_model("encoder", settings, manifest)
