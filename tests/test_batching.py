@@ -31,7 +31,7 @@ from xnai_tasks.security.envelope import MAX_ENVELOPE_BYTES
 from xnai_tasks.settings import Settings
 from xnai_tasks.worker.argv import worker_argv
 
-from support import admin_connection, log_events, publish_raw, running_stack, short_home
+from support import admin_connection, log_events, publish_raw, run_xnai, running_stack, short_home
 
 TEXTS = [f"Note {i}: the {word} service restarted after a memory alert." for i, word in enumerate("abcdefghijklmnop")]
 #: A lone surrogate: valid JSON and a non-empty string, but the tokenizer cannot read it.
@@ -363,3 +363,6 @@ def test_a_killed_encoder_process_is_said_and_replaced_and_the_worker_goes_on(
     # And the death was logged in one line naming the signal
     died = log_events(settings, "encoder_process_died")
     assert any(e["exit"] == "signal SIGKILL" and "curation encoder process ended" in e["msg"] for e in died)
+    # And xnai status lists it among the role's worker deaths
+    shown = run_xnai(["status"], settings)
+    assert "encoder process signal SIGKILL 1" in shown.stdout, shown.stdout

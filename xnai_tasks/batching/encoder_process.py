@@ -74,11 +74,21 @@ _SHAPE = struct.Struct(">II")
 class EncoderProcess:
     """A child process holding the encoder at ``path``; :meth:`encode` sends it texts, one call at a time."""
 
-    def __init__(self, path: Path, *, threads: int, max_length: int, label: str = "encoder") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int,
+        max_length: int,
+        label: str = "encoder",
+        on_death: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = path
         self.threads = max(1, threads)
         self.max_length = max_length
         self.label = label
+        #: Told how each child ended ("signal SIGKILL"), after the log line (the worker records it for xnai status).
+        self.on_death = on_death
         self._lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
         self._ready = False
@@ -222,6 +232,8 @@ class EncoderProcess:
         ended = _exit_text(code)
         line = f"the {self.label} process ended ({ended}): {what}; the next call starts a new one"
         log.warning(line, extra={"event": "encoder_process_died", "exit": ended})
+        if self.on_death is not None:
+            self.on_death(ended)
         return ModelError(line)
 
 

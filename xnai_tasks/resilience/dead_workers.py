@@ -42,6 +42,7 @@ import redis
 from kombu.utils.json import dumps, loads
 
 from xnai_tasks.core import constants as c
+from xnai_tasks.observability.deaths import push_death
 
 log = logging.getLogger(__name__)
 
@@ -436,12 +437,10 @@ class Heartbeat:
 
     def _record_deaths(self, done: Restored) -> None:
         """One event per message given back, in the role's list of worker deaths that ``xnai status`` shows."""
-        deaths = c.deaths_key(self.instance.role)
         now = time.time()
         pipe = self._redis().pipeline(transaction=False)
         for task in done.tasks:
-            pipe.lpush(deaths, dumps({"ts": now, "task": task, "id": done.instance, "cause": SILENT_CAUSE}))
-        pipe.ltrim(deaths, 0, c.DEATHS_MAX - 1)
+            push_death(pipe, self.instance.role, task=task, ident=done.instance, cause=SILENT_CAUSE, ts=now)
         pipe.execute()
 
     def _redis(self) -> redis.Redis:

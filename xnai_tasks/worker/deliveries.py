@@ -18,10 +18,8 @@ message acknowledged; one ERROR line; and each death listed for ``xnai status``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,6 +31,7 @@ from celery.worker.state import task_ready
 from xnai_tasks.core import broker
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import WorkerLostError
+from xnai_tasks.observability.deaths import push_death
 from xnai_tasks.observability.metrics import count_worker_lost
 from xnai_tasks.security.ledger import finish_nonce
 from xnai_tasks.security.refusal import Reason
@@ -80,13 +79,11 @@ class DeliveryLedger:
     def record_death(self, task_id: str, retries: int, task: str, cause: str) -> int:
         """Count a death of the process running this message; return the deaths so far."""
         key = c.lost_key(self.role, task_id, retries)
-        event = json.dumps({"ts": time.time(), "task": task, "id": task_id, "cause": cause})
         pipe = self.conn.pipeline(transaction=True)
         pipe.hincrby(key, "deaths", 1)
         pipe.hset(key, "cause", cause)
         pipe.expire(key, self.ttl_s)
-        pipe.lpush(c.deaths_key(self.role), event)
-        pipe.ltrim(c.deaths_key(self.role), 0, c.DEATHS_MAX - 1)
+        push_death(pipe, self.role, task=task, ident=task_id, cause=cause)
         return int(pipe.execute()[0])
 
     def count_redelivery(self, task_id: str, retries: int) -> Deliveries:

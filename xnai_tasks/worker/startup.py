@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
 from xnai_tasks.errors import BrokerUnreachableError, XnaiError
@@ -232,6 +233,23 @@ def publish_verdicts(redis_url: str, role: str) -> None:
         conn.close()
 
 
+def record_encoder_death(redis_url: str, role: str, ended: str) -> None:
+    """List an ended encoder process among the role's worker deaths (``xnai status``); a failure is only logged."""
+    from xnai_tasks.core import broker
+    from xnai_tasks.observability.deaths import push_death
+
+    try:
+        conn = broker.connect(redis_url, timeout=3.0)
+        try:
+            pipe = conn.pipeline(transaction=False)
+            push_death(pipe, role, task=f"{role} encoder", ident=str(os.getpid()), cause=f"encoder process {ended}")
+            pipe.execute()
+        finally:
+            conn.close()
+    except Exception as exc:  # status shows less; the worker still serves
+        log.warning("%s: could not record the encoder process's end: %s", role, exc)
+
+
 def pin_cpus(cpus: list[int]) -> None:
     """Pin every thread of this process to ``cpus``; threads and processes started later inherit it."""
     try:
@@ -314,6 +332,9 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
             threads=applied.threads_per_process,
             max_length=int(model.params.get("max_length", 256)),
             label=f"{role} encoder",
+            on_death=partial(record_encoder_death, str(sender.app.conf.broker_url), role)
+            if sender is not None
+            else None,
         )
         try:
             batching.start(process_settings(), encoder)  # waits until the encoder process has loaded the model
