@@ -42,13 +42,12 @@ return {1, depth + 1}
 
 
 def admit(
-    client: redis.Redis, keys: list[str], target: str, cap: int, payload: str, script: Script | None = None
+    client: redis.Redis, keys: list[str], target: str, cap: int, payload: str, script: Script
 ) -> tuple[bool, int]:
     """Push ``payload`` to ``target`` (one of ``keys``) unless the lists hold ``cap`` or more; (pushed, depth).
 
     ``script``: :data:`ADMIT_SCRIPT` registered already (any client's: it runs on ``client``).
     """
-    script = script if script is not None else client.register_script(ADMIT_SCRIPT)
     reply = script(keys=keys, args=[cap, keys.index(target) + 1, payload], client=client)
     return bool(int(reply[0])), int(reply[1])
 

@@ -108,10 +108,8 @@ class EncoderProcess:
     def start(self) -> None:
         """Start the child and wait until it has loaded the encoder; ModelError (one line) if it cannot."""
         with self._lock:
-            if self._child is None:
-                self._spawn()
             try:
-                self._await_ready()
+                self._ensure_started()
             except _Died as died:
                 raise died.error from None
 
@@ -139,9 +137,7 @@ class EncoderProcess:
         return _vectors(reply, len(texts))
 
     def _call(self, request: bytes) -> bytes:
-        if self._child is None:
-            self._spawn()
-        self._await_ready()
+        self._ensure_started()
         try:
             _write_frame(self._stdin(), request)
         except OSError as exc:  # nobody reads the pipe: the child was gone before this request
@@ -152,14 +148,13 @@ class EncoderProcess:
         """Stop the child (it also leaves by itself when the worker's end of its stdin closes)."""
         with self._lock:
             child, self._child = self._child, None
-            if child is None:
-                return
-            _close_pipes(child)
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            if child is not None:
+                _reap(child)
+
+    def _ensure_started(self) -> None:
+        if self._child is None:
+            self._spawn()
+        self._await_ready()
 
     def _spawn(self) -> None:
         now = time.monotonic()
@@ -221,15 +216,7 @@ class EncoderProcess:
     def _died(self, what: str) -> ModelError:
         """The child is gone (or made to go): one line for the log and the caller; the next call starts another."""
         child, self._child = self._child, None
-        code = None
-        if child is not None:
-            _close_pipes(child)
-            try:
-                code = child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                code = child.wait()
-        ended = _exit_text(code)
+        ended = _exit_text(_reap(child) if child is not None else None)
         line = f"the {self.label} process ended ({ended}): {what}; the next call starts a new one"
         log.warning(line, extra={"event": "encoder_process_died", "exit": ended})
         if self.on_death is not None:
@@ -246,11 +233,17 @@ class _Died(Exception):
         self.unread = unread
 
 
-def _close_pipes(child: subprocess.Popen[bytes]) -> None:
+def _reap(child: subprocess.Popen[bytes]) -> int:
+    """Close our ends of the child's pipes (it leaves on its stdin's end) and wait for it, killing it after 5 s."""
     for pipe in (child.stdin, child.stdout):
         if pipe is not None:
             with contextlib.suppress(OSError):  # a broken pipe's unwritten bytes: nobody will read them
                 pipe.close()
+    try:
+        return child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 def _vectors(reply: bytes, expected: int) -> list[list[float]]:
@@ -273,6 +266,11 @@ def _vectors(reply: bytes, expected: int) -> list[list[float]]:
 
 def _one_line(raw: bytes) -> str:
     return " ".join(raw.decode(errors="replace").split())[:1000]
+
+
+def _error_line(exc: BaseException) -> bytes:
+    """An exception as the one line an error frame carries."""
+    return _one_line(f"{type(exc).__name__}: {exc}".encode(errors="replace")).encode()
 
 
 def _exit_text(code: int | None) -> str:
@@ -339,7 +337,7 @@ def serve(path: Path, threads: int, max_length: int) -> int:
     try:
         encoder = load_encoder(path, threads, max_length=max_length)
     except Exception as exc:  # the worker says why in its one line
-        _write_frame(replies, _ERROR + " ".join(f"{type(exc).__name__}: {exc}".split())[:1000].encode())
+        _write_frame(replies, _ERROR + _error_line(exc))
         return 1
     _write_frame(replies, _READY)
     while (request := _read_frame(requests.read)) is not None:
@@ -355,7 +353,7 @@ def serve(path: Path, threads: int, max_length: int) -> int:
             raise
         except BaseException as exc:  # said in one line (a tokenizer's panic too); the child goes on
             kind = _REFUSED if isinstance(exc, (ValueError, TypeError)) else _ERROR
-            reply = kind + " ".join(f"{type(exc).__name__}: {exc}".split())[:1000].encode()
+            reply = kind + _error_line(exc)
         _write_frame(replies, reply)
     return 0
 

@@ -136,10 +136,10 @@ def _measure_apps(bench: Settings, tasks: int, rounds: int, concurrency: int) ->
     }
     runs: dict[str, list[Round]] = {name: [] for name in apps}
     with contextlib.ExitStack() as stack:
-        meters = {}
+        meters, redis_pid, client = {}, embedded_pid(bench), {"client": os.getpid()}
         for (argv, node, pinger), name in zip(workers, apps, strict=True):
             proc = stack.enter_context(worker_process(argv, bench, pinger, node, auth_env))
-            meters[name] = CpuMeter({"worker": proc.pid, "redis": embedded_pid(bench)}, alone={"client": os.getpid()})
+            meters[name] = CpuMeter({"worker": proc.pid, "redis": redis_pid}, alone=client)
         for submit in apps.values():
             measure(submit, WARMUP_TASKS)
         for _ in range(rounds):

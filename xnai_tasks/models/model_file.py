@@ -46,6 +46,11 @@ class ModelFile:
     params: Mapping[str, Any]
     default: bool
 
+    @property
+    def max_length(self) -> int:
+        """An encoder's longest input in tokens (its ``max_length`` parameter; 256 unless the manifest says)."""
+        return int(self.params.get("max_length", 256))
+
 
 def models_dir(settings: Settings) -> Path:
     """``XNAI_HOME/models``, created if needed."""

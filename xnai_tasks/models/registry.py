@@ -60,7 +60,7 @@ class ModelRegistry:
             )
         if "encoder" in kinds:
             enc = resolve_model("encoder", settings, manifest)
-            max_length = int(enc.params.get("max_length", 256))
+            max_length = enc.max_length
             encoder = ModelHolder(
                 enc,
                 lambda: load_encoder(enc.path, threads, max_length=max_length),

@@ -193,6 +193,11 @@ def this_instance() -> Instance | None:
     return _this.instance
 
 
+def fence_ttl_s(max_message_age_s: int) -> int:
+    """How long a fence keeps a task id: :data:`FENCE_AGES` times the oldest a message may be."""
+    return FENCE_AGES * max_message_age_s
+
+
 def instance_node(name: str) -> str:
     """The node name of an instance name (``curation@a#1f2e3d`` -> ``curation@a``)."""
     return name.rsplit("#", 1)[0]
@@ -316,7 +321,7 @@ def liveness() -> tuple[int, int]:
     from xnai_tasks.settings import process_settings
 
     settings = process_settings()
-    return settings.dead_after, FENCE_AGES * settings.max_message_age
+    return settings.dead_after, fence_ttl_s(settings.max_message_age)
 
 
 class Heartbeat:
@@ -394,7 +399,7 @@ class Heartbeat:
             log.warning(
                 "this worker (%s) was declared dead by a peer while it was silent: registered again; "
                 "%d task(s) taken from it were given to other workers and it will store no result of them",
-                instance_node(name),
+                self.instance.node,
                 int(fenced),
                 extra={"event": "worker_fenced", "role": role, "instance": name, "fenced": int(fenced)},
             )
@@ -464,7 +469,7 @@ def start_heartbeat(instance: Instance, redis_url: str, *, dead_after_s: int, ma
         instance,
         lambda: broker.connect(redis_url, timeout=reply_timeout_s(dead_after_s), retries=1),
         dead_after_s=dead_after_s,
-        fence_ttl_s=FENCE_AGES * max_message_age_s,
+        fence_ttl_s=fence_ttl_s(max_message_age_s),
         on_restored=count,
     )
     _this.heartbeat = heartbeat

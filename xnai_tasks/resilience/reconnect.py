@@ -171,13 +171,11 @@ class KeepingQoS(kombu_redis.QoS):  # type: ignore[misc]
             self.settle(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
-    def settle(self, delivery_tag: Any, client: Any = None) -> bool:
-        """Drop a tag's unacked entry if the tag is still this instance's; whether it was."""
+    def settle(self, delivery_tag: Any) -> bool:
+        """Drop a tag's unacked entry if the tag is still this instance's (a role worker's); whether it was."""
         instance = dead_workers.this_instance()
-        if instance is None:
-            self._remove_from_indices(delivery_tag).execute()
-            return True
-        with self.channel.conn_or_acquire(client) as conn:
+        assert instance is not None  # only a role worker's QoS and take settle: both check for an instance first
+        with self.channel.conn_or_acquire() as conn:
             keys = [instance.held_key, self.unacked_index_key, self.unacked_key]
             mine = bool(int(self._settle_script(keys=keys, args=[delivery_tag], client=conn)))
         if not mine:

@@ -25,7 +25,7 @@ from kombu.utils.encoding import bytes_to_str
 from xnai_tasks.admission.throughput import BUCKET_TTL_S, recorder
 from xnai_tasks.core import constants as c
 from xnai_tasks.errors import ResultSignatureError
-from xnai_tasks.resilience.dead_workers import instance_node, own_fence, this_instance
+from xnai_tasks.resilience.dead_workers import own_fence, this_instance
 from xnai_tasks.security.keyring import shared_keyring
 from xnai_tasks.security.ledger import finisher, running_nonce_key
 from xnai_tasks.security.publish import process_source
@@ -375,7 +375,7 @@ class SignedRedisBackend(RedisBackend):  # type: ignore[misc]
                 "not storing the result of task %s: its message was given to another worker after a peer declared "
                 "this one (%s) dead",
                 riders.task_id,
-                instance_node(instance.name) if instance is not None else "?",
+                instance.node if instance is not None else "?",
                 extra={"event": "result_fenced", "task_id": riders.task_id},
             )
 

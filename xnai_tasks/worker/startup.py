@@ -330,7 +330,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         encoder = EncoderProcess(
             model.path,
             threads=applied.threads_per_process,
-            max_length=int(model.params.get("max_length", 256)),
+            max_length=model.max_length,
             label=f"{role} encoder",
             on_death=partial(record_encoder_death, str(sender.app.conf.broker_url), role)
             if sender is not None
