@@ -268,8 +268,7 @@ class AsyncClient:
         waiting = [h for h in handles if not h.done]
         for handle in waiting:
             handle._fail(TaskRevokedError(f"{handle.role}.{handle.task} {handle.id} was revoked by this client"))
-        if waiting:
-            await self._revoke_ids([h.id for h in waiting], terminate=terminate)
+        await self._revoke_ids([h.id for h in waiting], terminate=terminate)
         if self._channel is not None:
             with anyio.CancelScope(shield=True):
                 for handle in waiting:

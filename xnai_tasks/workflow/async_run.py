@@ -20,8 +20,7 @@ from kombu.utils.uuid import uuid
 
 from xnai_tasks.errors import TaskTimeoutError, XnaiError
 from xnai_tasks.workflow import canvas
-from xnai_tasks.workflow.ledger import Ledger, StepRecord
-from xnai_tasks.workflow.provenance import provenance_of
+from xnai_tasks.workflow.ledger import Ledger, StepRecord, provenance
 from xnai_tasks.workflow.spec import DEFAULT_STEP_TIMEOUT_S, Step
 
 if TYPE_CHECKING:
@@ -179,13 +178,4 @@ class AsyncRun(Ledger):
 
     def provenance(self, name: str) -> dict[str, Any]:
         """Where step ``name``'s result came from: run, step, role, model, task id and its worker's signature."""
-        handle = self._handles[name]
-        return provenance_of(
-            workflow=self.workflow,
-            run_id=self.id,
-            step=name,
-            role=handle.role,
-            task=handle.task,
-            task_id=handle.id,
-            stored=handle.stored(),
-        )
+        return provenance(self, name, self._handles[name])

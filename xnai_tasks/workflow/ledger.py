@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from xnai_tasks.errors import RefusedError, TaskTimeoutError, WorkflowFailedError, XnaiError
+from xnai_tasks.workflow.provenance import provenance_of
 from xnai_tasks.workflow.spec import DEFAULT_STEP_TIMEOUT_S, Step
 
 
@@ -67,6 +68,35 @@ class Steps(Protocol):
     ) -> dict[str, Any] | None: ...
 
     async def parallel(self, *steps: Step) -> dict[str, dict[str, Any] | None]: ...
+
+
+class Handle(Protocol):
+    """A sent step's handle, sync or async, as far as its provenance needs it."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def task(self) -> str: ...
+
+    def stored(self) -> dict[str, Any]: ...
+
+
+def provenance(ledger: Ledger, name: str, handle: Handle) -> dict[str, Any]:
+    """Where step ``name``'s result came from: run, step, role, model, task id and its worker's signature (read
+    through ``handle``, the step's sync or async handle)."""
+    return provenance_of(
+        workflow=ledger.workflow,
+        run_id=ledger.id,
+        step=name,
+        role=handle.role,
+        task=handle.task,
+        task_id=handle.id,
+        stored=handle.stored(),
+    )
 
 
 def judge(result: Any) -> tuple[str, str]:
@@ -182,4 +212,4 @@ class Ledger:
         return StepRecord(step.name, step.role, step.task, task_id, outcome, seconds, detail, group_id)
 
 
-__all__ = ["Ledger", "StepRecord", "Steps", "failure_kind", "judge", "since"]
+__all__ = ["Handle", "Ledger", "StepRecord", "Steps", "failure_kind", "judge", "provenance", "since"]

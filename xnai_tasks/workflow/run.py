@@ -19,14 +19,13 @@ from kombu.utils.uuid import uuid
 from xnai_tasks.errors import XnaiError
 from xnai_tasks.workflow import canvas
 from xnai_tasks.workflow.canvas import Member
-from xnai_tasks.workflow.ledger import Ledger, StepRecord, failure_kind, judge
-from xnai_tasks.workflow.provenance import provenance_of
+from xnai_tasks.workflow.ledger import Ledger, StepRecord, failure_kind, provenance
 from xnai_tasks.workflow.spec import DEFAULT_STEP_TIMEOUT_S, Step
 
 if TYPE_CHECKING:
     from xnai_tasks.client.sync import Client, TaskHandle
 
-__all__ = ["Run", "StepRecord", "drive", "judge"]
+__all__ = ["Run", "drive"]
 
 T = TypeVar("T")
 
@@ -132,16 +131,7 @@ class Run(Ledger):
 
     def provenance(self, name: str) -> dict[str, Any]:
         """Where step ``name``'s result came from: run, step, role, model, task id and its worker's signature."""
-        handle = self._handles[name]
-        return provenance_of(
-            workflow=self.workflow,
-            run_id=self.id,
-            step=name,
-            role=handle.role,
-            task=handle.task,
-            task_id=handle.id,
-            stored=handle.stored(),
-        )
+        return provenance(self, name, self._handles[name])
 
 
 class Blocking:
@@ -161,17 +151,8 @@ class Blocking:
     def provenance(self, name: str) -> dict[str, Any]:
         return self.run.provenance(name)
 
-    async def step(
-        self,
-        name: str,
-        role: str,
-        task: str,
-        *,
-        timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
-        optional: bool = False,
-        **kwargs: Any,
-    ) -> dict[str, Any] | None:
-        return self.run.step(name, role, task, timeout_s=timeout_s, optional=optional, **kwargs)
+    async def step(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        return self.run.step(*args, **kwargs)
 
     async def parallel(self, *steps: Step) -> dict[str, dict[str, Any] | None]:
         return self.run.parallel(*steps)
