@@ -68,12 +68,11 @@ def _join(settings: Settings, words: tuple[str, ...]) -> int:
 
 
 def _publish(settings: Settings) -> int:
-    from xnai_tasks.security import acl, redis_urls
-    from xnai_tasks.security.revocation_list import publish_from_home, revoked_in_keyring
+    from xnai_tasks.security.revocation_list import revoked_in_keyring
 
     if settings.joined_roles:
         raise UsageError(f"{settings.home} is a joined host: only the hub's admin may publish revocations")
-    problem = publish_from_home(settings.home, redis_urls.connection_url(settings, acl.ADMIN))
+    problem = _publish_revocations(settings)
     if problem is not None:
         raise UsageError(f"revocations not published: {problem}")
     print(f"published {len(revoked_in_keyring(settings.home))} revoked keys")
@@ -84,9 +83,14 @@ def _publish_quietly(settings: Settings) -> None:
     """A bundle is a moment to make sure Redis has the list its host will read."""
     import logging
 
+    problem = _publish_revocations(settings)
+    if problem is not None:
+        logging.getLogger(__name__).info("revocations not published now: %s", problem)
+
+
+def _publish_revocations(settings: Settings) -> str | None:
+    """Publish this hub's revoked keys to its Redis as admin; None when done, else why not."""
     from xnai_tasks.security import acl, redis_urls
     from xnai_tasks.security.revocation_list import publish_from_home
 
-    problem = publish_from_home(settings.home, redis_urls.connection_url(settings, acl.ADMIN))
-    if problem is not None:
-        logging.getLogger(__name__).info("revocations not published now: %s", problem)
+    return publish_from_home(settings.home, redis_urls.connection_url(settings, acl.ADMIN))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,11 +43,12 @@ from xnai_tasks.security.key_pair import KeyStatus, key_id
 from xnai_tasks.security.key_store import (
     keyring_path,
     locked,
+    parse_keyring,
     private_key_path,
     read_keyring,
     unlink_quiet,
 )
-from xnai_tasks.security.tls import TlsFiles
+from xnai_tasks.security.tls import CLIENT_NAME, TlsFiles
 
 FORMAT: Final = "xnai-host-bundle"
 VERSION: Final = 1
@@ -59,8 +59,6 @@ TLS_FIELDS: Final = ("ca", "cert", "key")
 _MAX_FILE: Final = 16 * 1024 * 1024
 _SEED_RE: Final = re.compile(r"[0-9a-f]{64}")
 _PEM_RE: Final = re.compile(r"-----BEGIN [A-Z0-9 ]+-----\n[\s\S]+-----END [A-Z0-9 ]+-----\n?")
-#: A host's name as :func:`~xnai_tasks.security.certificates.issue_client` takes it (checked before it names a file).
-_HOST_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -160,7 +158,7 @@ def _tls_for(home: Path, host: str | None) -> TlsMaterial | None:
         return None
     if host is None:
         raise UsageError("this hub has a TLS CA: name the host with --host NAME (each host its own certificate)")
-    if not _HOST_RE.fullmatch(host):
+    if not CLIENT_NAME.fullmatch(host):  # checked before it names a file
         raise UsageError(f"--host {host!r} is not a host name (letters, digits, '.', '_', '-'; at most 64)")
     cert, key = files.issued_client(host)
     if not (cert.is_file() and key.is_file()):
@@ -241,14 +239,11 @@ def _exact_fields(value: Any, fields: Sequence[str], what: str) -> None:
 
 
 def _keyring_entries(doc: Any) -> list[Any]:
-    """The keyring's keys, checked as a keyring file is (read back from a private temporary file)."""
-    with tempfile.TemporaryDirectory(prefix="xnai-bundle-") as folder:
-        path = Path(folder) / "keyring.json"
-        write_atomic(path, json.dumps(doc).encode("utf-8"), mode=0o600)
-        try:
-            entries, _ = read_keyring(path)
-        except KeyringError as exc:
-            raise UsageError(f"its keyring is malformed: {str(exc).rpartition(' is malformed: ')[2]}") from None
+    """The keyring's keys, checked as a keyring file is."""
+    try:
+        entries, _ = parse_keyring(doc)
+    except (ValueError, TypeError, KeyError, AttributeError, KeyringError) as exc:
+        raise UsageError(f"its keyring is malformed: {exc}") from None
     return entries
 
 

@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xnai_tasks.core.files import write_atomic
 from xnai_tasks.errors import UsageError
-from xnai_tasks.security.tls import TlsFiles
+from xnai_tasks.security.tls import CLIENT_NAME, TlsFiles
 
 CA_DAYS: Final = 3650
 #: Days a server or client certificate is valid (825: the longest most TLS clients accept for a server).
@@ -31,7 +31,6 @@ ORGANIZATION: Final = "xnai-tasks"
 #: Names every server certificate carries besides the given ones (clients on the Redis host itself).
 LOCAL_NAMES: Final = ("localhost", "127.0.0.1")
 _HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 Key = ec.EllipticCurvePrivateKey
 
@@ -89,7 +88,7 @@ def issue_server(files: TlsFiles, hosts: Iterable[str]) -> list[str]:
 
 def issue_client(files: TlsFiles, name: str, *, cert_path: Path | None = None, key_path: Path | None = None) -> Path:
     """Make a client certificate for host ``name``: at ``clients/NAME.pem`` unless paths are given. Its path."""
-    if not _CLIENT_NAME.fullmatch(name):
+    if not CLIENT_NAME.fullmatch(name):
         raise UsageError(f"{name!r} is not a client name (letters, digits, '.', '_', '-'; at most 64)")
     ca_cert, ca_key, _ = ensure_ca(files)
     default_cert, default_key = files.issued_client(name)

@@ -125,7 +125,7 @@ def read_keyring(path: Path) -> tuple[list[KeyEntry], Permissions]:
     raw = _read_fd(fd, _MAX_KEYRING_FILE)
     try:
         doc = json.loads(raw)
-        return _parse_keyring(doc)
+        return parse_keyring(doc)
     except (ValueError, TypeError, KeyError, AttributeError, KeyringError) as exc:
         raise KeyringError(f"keyring {path} is malformed: {exc}") from None
 
@@ -168,7 +168,9 @@ def unlink_quiet(path: Path) -> None:
 # ---- parsing ----
 
 
-def _parse_keyring(doc: Any) -> tuple[list[KeyEntry], Permissions]:
+def parse_keyring(doc: Any) -> tuple[list[KeyEntry], Permissions]:
+    """The keys and permissions of a keyring file's JSON; ValueError, TypeError, KeyError, AttributeError or
+    KeyringError on any problem (:func:`read_keyring` names the file)."""
     if not isinstance(doc, dict) or doc.get("version") != KEYRING_VERSION:
         raise ValueError(f"expected an object with version {KEYRING_VERSION}")
     entries = [_parse_entry(item) for item in doc["keys"]]

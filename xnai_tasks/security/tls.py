@@ -14,6 +14,7 @@ keyword arguments (Celery's ``broker_use_ssl``, ``redis_backend_use_ssl``, Flowe
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ TLS_DIR: Final = "tls"
 MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2
 #: URL query parameters naming TLS files or checks (redis-py's, Celery's and kombu's names).
 SSL_QUERY_PREFIX: Final = "ssl_"
+#: A host's name in its client certificate (it names the files ``clients/NAME.pem`` and ``clients/NAME.key``).
+CLIENT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
