@@ -21,7 +21,6 @@ from xnai_tasks.errors import SettingsError
 
 T = TypeVar("T")
 
-REDIS_SCHEMES = ("redis", "rediss", "redis+socket", "unix")
 
 
 @dataclass(frozen=True)
@@ -565,8 +564,8 @@ def _parse_redis_url(raw: str) -> str:
         port = parts.port
     except ValueError as exc:
         raise SettingsError(f"XNAI_REDIS_URL={raw!r} is malformed: {exc}") from None
-    if parts.scheme not in REDIS_SCHEMES:
-        raise SettingsError(f"XNAI_REDIS_URL={raw!r} must start with one of {', '.join(REDIS_SCHEMES)}://")
+    if parts.scheme not in c.REDIS_SCHEMES:
+        raise SettingsError(f"XNAI_REDIS_URL={raw!r} must start with one of {', '.join(c.REDIS_SCHEMES)}://")
     if parts.scheme in ("redis+socket", "unix"):
         if not parts.path:
             raise SettingsError(f"XNAI_REDIS_URL={raw!r} names no socket path")

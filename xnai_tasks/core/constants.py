@@ -102,6 +102,8 @@ def unacked_mutex_key(role: str) -> str:
 REDIS_DIR: Final = "redis"
 REDIS_SOCKET: Final = "redis.sock"
 REDIS_PIDFILE: Final = "redis.pid"
+#: The URL schemes a Redis URL (XNAI_REDIS_URL, a joined host's hub) may have.
+REDIS_SCHEMES: Final = ("redis", "rediss", "redis+socket", "unix")
 REDIS_CONF: Final = "redis.conf"
 REDIS_LOG: Final = "redis.log"
 LOG_DIR: Final = "logs"

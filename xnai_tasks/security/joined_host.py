@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 from xnai_tasks.core import constants as c
 from xnai_tasks.core.files import read_private, write_atomic
 from xnai_tasks.errors import SettingsError, UsageError
-from xnai_tasks.settings import REDIS_SCHEMES
 
 JOINED_VERSION: Final = 1
 #: Host names a plain ``redis://`` hub URL may name (besides 127.0.0.0/8 and ::1): this machine, never a network.
@@ -64,8 +63,8 @@ def check_hub_url(raw: str) -> str:
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"--url {raw!r} is malformed: {exc}") from None
-    if parts.scheme not in REDIS_SCHEMES:  # a socket URL: a second XNAI_HOME on the hub's own machine
-        raise UsageError(f"--url {raw!r} must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+    if parts.scheme not in c.REDIS_SCHEMES:  # a socket URL: a second XNAI_HOME on the hub's own machine
+        raise UsageError(f"--url {raw!r} must start with one of {', '.join(s + '://' for s in c.REDIS_SCHEMES)}")
     if parts.username or parts.password:
         raise UsageError(f"--url {raw!r} must not carry a user or password: each role's own is added")
     if parts.scheme in ("redis+socket", "unix"):
