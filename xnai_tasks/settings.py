@@ -22,7 +22,6 @@ from xnai_tasks.errors import SettingsError
 T = TypeVar("T")
 
 
-
 @dataclass(frozen=True)
 class Variable:
     """One environment variable: its name, default (as text) and meaning, for the README table."""
