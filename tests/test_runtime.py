@@ -19,6 +19,7 @@ from xnai_tasks.bench.harness import start_worker, stop_worker, wait_online
 from xnai_tasks.client.sync import Client
 from xnai_tasks.core.celery_app import create_app
 from xnai_tasks.errors import RefusedError, SettingsError
+from xnai_tasks.models.model_file import resolve_model
 from xnai_tasks.ops.redis_server import EmbeddedRedis
 from xnai_tasks.plan.host import plan_for
 from xnai_tasks.plan.planner import GiB, Host, RolePlan, for_concurrency, format_plan
@@ -150,6 +151,27 @@ def test_a_bad_model_is_one_clear_line_and_exit_1(home: Path, case: str) -> None
     assert done.returncode == 1, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if "cannot start" in line]
     assert len(lines) == 1 and expected in lines[0] and "xnai worker cline" in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_batching_worker_whose_encoder_process_cannot_load_the_model_is_one_line_and_exit_1(home: Path) -> None:
+    # Given a batching curation worker's encoder: a folder transformers cannot load (config and weights not a model)
+    init_keys(home)
+    real = resolve_model("encoder", Settings(home=home)).path
+    model = home / "broken-encoder"
+    shutil.copytree(real, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    settings = Settings(home=home, encoder_model=model, batch=True)
+    # When the worker starts on a reachable Redis
+    with EmbeddedRedis(settings):
+        done = run_xnai(["worker", "curation"], settings, timeout=120)
+    # Then it stops at start with one line saying why its encoder process could not load it, not a worker whose
+    # every task would fail
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "xnai worker curation" in lines[0], done.stderr[-2000:]
+    assert "encoder process ended" in lines[0]
+    assert "it could not start: SafetensorError: Error while deserializing header" in lines[0]
     assert "Traceback" not in done.stderr
 
 
