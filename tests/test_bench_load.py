@@ -4,12 +4,15 @@ run over the four real role workers loses nothing and reports every field (no ti
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from xnai_tasks.bench.load import FAST_PATHS, MIX, PROFILES, TARGETS, Workload, format_table
+from xnai_tasks.bench.load import FAST_PATHS, MIX, PROFILES, TARGETS, Sampler, Workload, format_table
 from xnai_tasks.settings import Settings
 
 from support import run_xnai
@@ -90,3 +93,17 @@ def test_a_short_load_run_loses_nothing_and_reports_every_field(home: Path) -> N
     # And the ratios and the designed-against table are there
     assert set(report["ratios"]) == {"tuned_vs_baseline_rps", "tuned_vs_baseline_p99"}
     assert report["table"].splitlines()[0].split("|")[0].strip() == "metric"
+
+
+def test_the_sampler_counts_a_process_once_when_roots_overlap() -> None:
+    # Given two roots, one the other's child (as `--running` finds a worker and its pool child both by name)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sampler = Sampler([os.getpid(), child.pid], lambda: 0)
+        # When the sampler lists the processes to measure
+        pids = [proc.pid for proc in sampler._processes()]
+        # Then each is listed once
+        assert sorted(pids) == sorted(set(pids)) and {os.getpid(), child.pid} <= set(pids)
+    finally:
+        child.kill()
+        child.wait()

@@ -198,14 +198,15 @@ class Sampler(threading.Thread):
         self._procs: dict[int, psutil.Process] = {}
 
     def _processes(self) -> list[psutil.Process]:
-        found: list[psutil.Process] = []
+        """Each root and its descendants, each process once (a root may be another root's child)."""
+        found: dict[int, psutil.Process] = {}
         for pid in self.roots:
             try:
                 root = self._procs.setdefault(pid, psutil.Process(pid))
-                found.extend([root, *root.children(recursive=True)])
+                found.update((proc.pid, proc) for proc in [root, *root.children(recursive=True)])
             except psutil.Error:
                 continue
-        return found
+        return list(found.values())
 
     def sample(self) -> tuple[float, float]:
         """(sum of PSS in MB, CPU seconds used so far by every process seen)."""
